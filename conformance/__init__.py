@@ -1,0 +1,1 @@
+"""The kvstore conformance suite: base test classes every driver must pass."""

@@ -1,0 +1,81 @@
+"""The ``kvstore`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+from kvstore.errors import KVStoreError
+
+
+def _cmd_drivers(args: argparse.Namespace) -> int:
+    from kvstore.registry import default_registry
+
+    console = Console()
+    table = Table(title="kvstore drivers")
+    for column in ("scheme", "source", "summary", "status", "capabilities"):
+        table.add_column(column)
+    for registered in default_registry().drivers():
+        try:
+            cls = registered.load()
+        except KVStoreError as exc:
+            table.add_row(
+                registered.info.scheme, registered.source, registered.info.summary,
+                f"[red]unavailable[/red]: {exc.message}", "",
+            )
+            continue
+        table.add_row(
+            registered.info.scheme,
+            registered.source,
+            registered.info.summary,
+            "[green]ok[/green]",
+            ", ".join(cls.static_capabilities.summary()),
+        )
+    console.print(table)
+    return 0
+
+
+def _cmd_conformance(args: argparse.Namespace) -> int:
+    from kvstore.conformance.runner import run_conformance
+
+    return run_conformance(
+        args.url, json_path=args.json, pytest_args=args.pytest_args, verbose=args.verbose
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvstore", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    drivers = commands.add_parser("drivers", help="list every registered driver")
+    drivers.set_defaults(func=_cmd_drivers)
+
+    conformance = commands.add_parser(
+        "conformance", help="run the conformance suite against a driver URL"
+    )
+    conformance.add_argument("url", help="driver URL, e.g. nvme:///tmp/kv?capacity=1GiB")
+    conformance.add_argument("--json", metavar="FILE", help="also write a JSON report to FILE")
+    conformance.add_argument("-v", "--verbose", action="store_true", help="show pytest output")
+    conformance.add_argument(
+        "pytest_args", nargs="*", help="extra pytest arguments after --, e.g. -- -k batch"
+    )
+    conformance.set_defaults(func=_cmd_conformance)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except KVStoreError as exc:
+        Console(stderr=True).print(f"[red]error:[/red] {type(exc).__name__}: {exc}")
+        return 2
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+"""Typed driver configs that are built from a URL and render back to it.
+
+``nvme:///var/cache/kv?capacity=64GiB`` becomes ``NvmeConfig(path="/var/cache/kv",
+capacity=68719476736)`` and ``to_url()`` gives the same URL back. Configs are
+frozen pydantic models, so they compare by value and pickle across processes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+from typing_extensions import Self
+
+from kvstore.errors import ConfigError
+
+
+def url_scheme(url: str) -> str:
+    """The scheme of ``url`` (``nvme`` for ``nvme:///x``), or a ConfigError."""
+    scheme, sep, _ = url.partition("://")
+    if not sep or not scheme:
+        raise ConfigError(f"not a driver URL (expected scheme://...): {url!r}")
+    return scheme.lower()
+
+
+class DriverConfig(BaseModel):
+    """Base class of every driver's config.
+
+    Subclasses set ``scheme`` and, when the URL's location (what follows
+    ``scheme://`` up to ``?``) means something, ``location_field``: the field
+    that holds it. Every other field is a query parameter.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    scheme: ClassVar[str]
+    location_field: ClassVar[str | None] = None
+
+    @classmethod
+    def from_url(cls, url: str) -> Self:
+        """Parse ``url``; a ConfigError says what is wrong with it."""
+        if url_scheme(url) != cls.scheme:
+            raise ConfigError(f"{cls.__name__} takes {cls.scheme}:// URLs, not {url!r}")
+        parts = urlsplit(url)
+        if parts.fragment:
+            raise ConfigError(f"driver URLs take no #fragment: {url!r}")
+        try:
+            pairs = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
+        except ValueError as exc:
+            raise ConfigError(f"malformed query string in {url!r}: {exc}") from None
+        data: dict[str, Any] = {}
+        for name, value in pairs:
+            if name in data:
+                raise ConfigError(f"option {name!r} given twice in {url!r}")
+            data[name] = value
+        location = url.split("://", 1)[1].split("?", 1)[0].split("#", 1)[0]
+        if cls.location_field is not None:
+            if cls.location_field in data:
+                raise ConfigError(f"{cls.location_field!r} is part of the URL's location")
+            if location:
+                data[cls.location_field] = location
+        elif location:
+            raise ConfigError(f"{cls.scheme}:// URLs take no location, got {location!r}")
+        return cls.from_mapping(data, source=url)
+
+    @classmethod
+    def from_mapping(cls, data: dict[str, Any], *, source: str = "config") -> Self:
+        """Validate ``data`` (from a URL or YAML) into a config."""
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}"
+                for err in exc.errors()
+            )
+            raise ConfigError(f"invalid {cls.scheme} config in {source!r}: {problems}") from None
+
+    def to_url(self) -> str:
+        """The URL that ``from_url`` turns back into this config."""
+        rendered = self.model_dump(mode="json")
+        location = ""
+        if self.location_field is not None:
+            location = quote(str(rendered.pop(self.location_field) or ""), safe="/:@.-_~")
+        query = {
+            name: _render(rendered[name])
+            for name, field in type(self).model_fields.items()
+            if name != self.location_field
+            and (field.is_required() or getattr(self, name) != field.get_default(call_default_factory=True))
+        }
+        url = f"{self.scheme}://{location}"
+        return f"{url}?{urlencode(query)}" if query else url
+
+
+def _render(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return "" if value is None else str(value)
