@@ -24,8 +24,11 @@ def _cmd_drivers(args: argparse.Namespace) -> int:
             cls = registered.load()
         except KVStoreError as exc:
             table.add_row(
-                registered.info.scheme, registered.source, registered.info.summary,
-                f"[red]unavailable[/red]: {exc.message}", "",
+                registered.info.scheme,
+                registered.source,
+                registered.info.summary,
+                f"[red]unavailable[/red]: {exc.message}",
+                "",
             )
             continue
         table.add_row(
@@ -42,9 +45,10 @@ def _cmd_drivers(args: argparse.Namespace) -> int:
 def _cmd_conformance(args: argparse.Namespace) -> int:
     from kvstore.conformance.runner import run_conformance
 
-    return run_conformance(
+    code: int = run_conformance(
         args.url, json_path=args.json, pytest_args=args.pytest_args, verbose=args.verbose
     )
+    return code
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -86,7 +86,10 @@ class DriverConfig(BaseModel):
             name: _render(rendered[name])
             for name, field in type(self).model_fields.items()
             if name != self.location_field
-            and (field.is_required() or getattr(self, name) != field.get_default(call_default_factory=True))
+            and (
+                field.is_required()
+                or getattr(self, name) != field.get_default(call_default_factory=True)
+            )
         }
         url = f"{self.scheme}://{location}"
         return f"{url}?{urlencode(query)}" if query else url

@@ -13,6 +13,7 @@ it is never an exception.
 from __future__ import annotations
 
 import abc
+import builtins
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -55,7 +56,9 @@ class Capabilities:
     def summary(self) -> list[str]:
         """Short labels for people: the true flags and the limits."""
         labels = [
-            name for name in ("persistent", "listable", "zero_copy", "shared") if getattr(self, name)
+            name
+            for name in ("persistent", "listable", "zero_copy", "shared")
+            if getattr(self, name)
         ]
         if self.max_value_bytes is not None:
             labels.append(f"max_value={self.max_value_bytes}")
@@ -235,18 +238,18 @@ class Driver(abc.ABC, Generic[ConfigT]):
             raise DriverClosedError("the driver is closed", driver=self.name)
 
     @abc.abstractmethod
-    async def _put_many(self, items: list[tuple[bytes, memoryview]]) -> None: ...
+    async def _put_many(self, items: builtins.list[tuple[bytes, memoryview]]) -> None: ...
 
     @abc.abstractmethod
     async def _get_many(
-        self, keys: list[bytes], into: list[memoryview | None] | None
-    ) -> list[memoryview | None]: ...
+        self, keys: builtins.list[bytes], into: builtins.list[memoryview | None] | None
+    ) -> builtins.list[memoryview | None]: ...
 
     @abc.abstractmethod
-    async def _contains_many(self, keys: list[bytes]) -> list[bool]: ...
+    async def _contains_many(self, keys: builtins.list[bytes]) -> builtins.list[bool]: ...
 
     @abc.abstractmethod
-    async def _delete_many(self, keys: list[bytes]) -> list[bool]: ...
+    async def _delete_many(self, keys: builtins.list[bytes]) -> builtins.list[bool]: ...
 
     @abc.abstractmethod
     def _list(self) -> AsyncIterator[KeyEntry]: ...

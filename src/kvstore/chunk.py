@@ -1,0 +1,265 @@
+"""The self-describing chunk format (docs/chunk-format.md, version 1).
+
+Every tier stores a chunk as one value: a fixed-layout header, then the
+payload. The header names the chunk's key, dtype, shape, codec stack, payload
+length and a digest of the payload, and ends with a checksum of itself.
+``decode_chunk`` verifies all of it before a byte of KV reaches the caller, so
+corrupt, truncated or foreign bytes raise IntegrityError and are never
+mistaken for KV.
+"""
+
+from __future__ import annotations
+
+import struct
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import xxhash
+from typing_extensions import Buffer
+
+from kvstore.buffers import byte_view
+from kvstore.codecs import Codec, codec_by_id
+from kvstore.errors import IntegrityError, InvalidArgumentError
+from kvstore.layout import DTYPE_NAMES, DTYPES, KVLayout
+
+MAGIC = b"KVSC"
+FORMAT_VERSION = 1
+HEADER_ALIGN = 64
+FLAG_MLA = 1
+
+# magic, version, header length, flags, dtype code, ndim, codec count, reserved,
+# payload length, raw length, payload digest (xxh3-128), chunk key (32 bytes)
+_FIXED = struct.Struct("<4sHHIBBBBQQ16s32s")
+_CHECKSUM = struct.Struct("<I")
+
+DTYPE_CODES: dict[str, int] = {
+    "float32": 1,
+    "float16": 2,
+    "bfloat16": 3,
+    "float8_e4m3fn": 4,
+    "float8_e5m2": 5,
+    "int8": 6,
+    "uint8": 7,
+}
+_DTYPE_BY_CODE = {code: name for name, code in DTYPE_CODES.items()}
+
+
+@dataclass(frozen=True)
+class ChunkHeader:
+    """The decoded header of a chunk."""
+
+    key: bytes
+    dtype: str
+    shape: tuple[int, ...]
+    codec_ids: tuple[int, ...]
+    payload_len: int
+    raw_len: int
+    digest: bytes
+    mla: bool
+    header_len: int
+
+
+def header_length(ndim: int, ncodecs: int) -> int:
+    """Bytes of header for a tensor of ``ndim`` dims and ``ncodecs`` codecs."""
+    used = _FIXED.size + 4 * ndim + 2 * ncodecs + _CHECKSUM.size
+    return -(-used // HEADER_ALIGN) * HEADER_ALIGN
+
+
+def payload_digest(payload: Buffer) -> bytes:
+    return xxhash.xxh3_128_digest(payload)
+
+
+def _pack_header(
+    buffer: memoryview,
+    *,
+    key: bytes,
+    dtype: str,
+    shape: Sequence[int],
+    codecs: Sequence[Codec],
+    payload_len: int,
+    raw_len: int,
+    digest: bytes,
+    mla: bool,
+) -> None:
+    size = len(buffer)
+    buffer[:size] = bytes(size)
+    _FIXED.pack_into(
+        buffer,
+        0,
+        MAGIC,
+        FORMAT_VERSION,
+        size,
+        FLAG_MLA if mla else 0,
+        DTYPE_CODES[dtype],
+        len(shape),
+        len(codecs),
+        0,
+        payload_len,
+        raw_len,
+        digest,
+        key,
+    )
+    struct.pack_into(f"<{len(shape)}I", buffer, _FIXED.size, *shape)
+    struct.pack_into(
+        f"<{len(codecs)}H", buffer, _FIXED.size + 4 * len(shape), *(c.id for c in codecs)
+    )
+    _CHECKSUM.pack_into(buffer, size - _CHECKSUM.size, xxhash.xxh32_intdigest(buffer[: size - 4]))
+
+
+def raw_chunk_size(kv: torch.Tensor) -> int:
+    """Bytes of a chunk of ``kv`` encoded with no codecs."""
+    return header_length(kv.dim(), 0) + kv.numel() * kv.element_size()
+
+
+def encode_chunk(
+    key: bytes,
+    kv: torch.Tensor,
+    *,
+    mla: bool = False,
+    codecs: Sequence[Codec] = (),
+    out: torch.Tensor | None = None,
+) -> memoryview:
+    """Serialise one chunk of KV (any strides, on CPU) with its header.
+
+    With no codecs the payload is written straight from ``kv`` into ``out``
+    (a uint8 tensor of at least ``raw_chunk_size(kv)`` bytes, e.g. from a
+    BufferPool; a new one when omitted): one copy, one digest pass. The result
+    is a view of the encoded bytes.
+    """
+    if kv.device.type != "cpu":
+        raise InvalidArgumentError("encode_chunk takes CPU tensors; copy device KV to host first")
+    if kv.dtype not in DTYPE_NAMES:
+        raise InvalidArgumentError(f"unsupported KV dtype {kv.dtype}")
+    dtype = DTYPE_NAMES[kv.dtype]
+    shape = tuple(kv.shape)
+    raw_len = kv.numel() * kv.element_size()
+    size = header_length(len(shape), len(codecs))
+    if not codecs:
+        if out is None:
+            out = torch.empty(size + raw_len, dtype=torch.uint8)
+        elif out.dtype != torch.uint8 or out.numel() < size + raw_len or not out.is_contiguous():
+            raise InvalidArgumentError(
+                f"out must be a contiguous uint8 tensor of >= {size + raw_len} bytes"
+            )
+        if raw_len:
+            out[size : size + raw_len].view(kv.dtype).view(shape).copy_(kv)
+        view = byte_view(out)[: size + raw_len]
+        payload: memoryview | bytes = view[size:]
+    else:
+        data: memoryview | bytes = byte_view(kv.contiguous())
+        for codec in codecs:
+            data = codec.encode(memoryview(data))
+        payload = data
+        view = memoryview(bytearray(size + len(payload)))
+        view[size:] = payload
+    _pack_header(
+        view[:size],
+        key=key,
+        dtype=dtype,
+        shape=shape,
+        codecs=codecs,
+        payload_len=len(payload),
+        raw_len=raw_len,
+        digest=payload_digest(payload),
+        mla=mla,
+    )
+    return view
+
+
+def read_header(data: memoryview) -> ChunkHeader:
+    """Parse and check a chunk's header; IntegrityError if it is not a valid one."""
+    if len(data) < _FIXED.size:
+        raise IntegrityError(f"chunk of {len(data)} bytes is shorter than a header")
+    (
+        magic,
+        version,
+        size,
+        flags,
+        dtype_code,
+        ndim,
+        ncodecs,
+        _reserved,
+        payload_len,
+        raw_len,
+        digest,
+        key,
+    ) = _FIXED.unpack_from(data, 0)
+    if magic != MAGIC:
+        raise IntegrityError("not a kvstore chunk (bad magic)")
+    if version != FORMAT_VERSION:
+        raise IntegrityError(f"chunk format version {version} is not supported")
+    if size != header_length(ndim, ncodecs) or size > len(data):
+        raise IntegrityError("chunk header length is inconsistent or truncated")
+    (checksum,) = _CHECKSUM.unpack_from(data, size - _CHECKSUM.size)
+    if checksum != xxhash.xxh32_intdigest(data[: size - _CHECKSUM.size]):
+        raise IntegrityError("chunk header checksum mismatch")
+    if dtype_code not in _DTYPE_BY_CODE:
+        raise IntegrityError(f"chunk has unknown dtype code {dtype_code}")
+    shape = struct.unpack_from(f"<{ndim}I", data, _FIXED.size)
+    codec_ids = struct.unpack_from(f"<{ncodecs}H", data, _FIXED.size + 4 * ndim)
+    return ChunkHeader(
+        key=key,
+        dtype=_DTYPE_BY_CODE[dtype_code],
+        shape=tuple(shape),
+        codec_ids=codec_ids,
+        payload_len=payload_len,
+        raw_len=raw_len,
+        digest=digest,
+        mla=bool(flags & FLAG_MLA),
+        header_len=size,
+    )
+
+
+def decode_chunk(
+    data: Buffer,
+    *,
+    key: bytes,
+    layout: KVLayout,
+    tokens: int,
+    out: torch.Tensor | None = None,
+    verify: bool = True,
+) -> torch.Tensor:
+    """Verify a stored chunk and return its KV, ``[layers, 2, tokens, heads, dim]``.
+
+    The chunk must carry ``key`` and match ``layout`` and ``tokens``; its
+    payload must match its digest (skipped with ``verify=False``, for tiers
+    whose bytes never leave this process). With ``out``, the KV is copied into
+    it and ``out`` is returned; otherwise the result may be a view of ``data``.
+    Raises IntegrityError on any mismatch.
+    """
+    view = memoryview(data).cast("B")
+    header = read_header(view)
+    if header.key != key:
+        raise IntegrityError("chunk belongs to another key (foreign or misplaced bytes)")
+    expected_shape = layout.shape(tokens)
+    if header.dtype != layout.dtype or header.shape != expected_shape or header.mla != layout.mla:
+        raise IntegrityError(
+            f"chunk holds {header.dtype} {header.shape} (mla={header.mla}), expected "
+            f"{layout.dtype} {expected_shape} (mla={layout.mla})"
+        )
+    end = header.header_len + header.payload_len
+    if len(view) != end:
+        raise IntegrityError(f"chunk is {len(view)} bytes, its header says {end}")
+    payload = view[header.header_len :]
+    if verify and payload_digest(payload) != header.digest:
+        raise IntegrityError("chunk payload digest mismatch")
+    raw: memoryview = payload
+    for codec_id in reversed(header.codec_ids):
+        raw = memoryview(codec_by_id(codec_id).decode(raw))
+    if len(raw) != header.raw_len or header.raw_len != layout.nbytes(tokens):
+        raise IntegrityError("decoded chunk has the wrong length")
+    dtype = DTYPES[header.dtype]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given buffer is not writable")
+        source = (
+            torch.frombuffer(raw, dtype=torch.uint8)
+            if len(raw)
+            else torch.empty(0, dtype=torch.uint8)
+        )
+    kv = source.view(dtype).view(expected_shape)
+    if out is not None:
+        out.copy_(kv)
+        return out
+    return kv if not raw.readonly else kv.clone()

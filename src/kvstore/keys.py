@@ -1,0 +1,128 @@
+"""Content-hashed chunk keys (the key spec, docs/key-spec.md, version 1).
+
+Tokens are cut into chunks of ``chunk_tokens``. Chunk ``i``'s key is
+``blake3(namespace_digest || key(i-1) || tokens_i as little-endian int32)``,
+32 bytes, with ``key(-1) = namespace_digest``: each key commits to the whole
+prefix before it, so equal keys mean equal prefixes. The namespace digest binds
+everything else that makes KV differ (model, weights, layout, parallelism,
+codec, tenant), so two prompts that differ in any of it never share a key.
+Only whole chunks get keys: a trailing partial chunk is neither stored nor
+reported by lookup.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import blake3
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from kvstore.errors import InvalidArgumentError
+from kvstore.layout import KVLayout
+
+KEY_SPEC_VERSION = 1
+KEY_BYTES = 32
+_NAMESPACE_TAG = b"kvstore-namespace-v1\n"
+_INT32_MAX = 2**31 - 1
+
+TokenIds = Sequence[int] | npt.NDArray[np.integer] | torch.Tensor
+
+
+@dataclass(frozen=True)
+class Namespace:
+    """Everything besides the tokens that decides what KV a prompt produces.
+
+    model: the model's name (``meta-llama/Llama-3.1-8B``).
+    revision: a fingerprint of the weights (a revision hash or weights digest).
+    layout: the KV layout (layers, heads, head dim, dtype, MLA).
+    chunk_tokens: tokens per chunk.
+    tp_rank / tp_size: this worker's tensor-parallel rank and the TP size.
+    codec: the lossy transform applied to KV, if any (``raw`` for none);
+        lossless compression does not change KV and is not part of the key.
+    tenant: an optional secret salt; tenants with different salts never share
+        or probe each other's keys.
+    """
+
+    model: str
+    revision: str
+    layout: KVLayout
+    chunk_tokens: int = 256
+    tp_rank: int = 0
+    tp_size: int = 1
+    codec: str = "raw"
+    tenant: str = ""
+
+    def __post_init__(self) -> None:
+        for name in ("model", "revision", "codec", "tenant"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or "\n" in value:
+                raise InvalidArgumentError(f"Namespace.{name} must be a one-line string")
+        if not self.model:
+            raise InvalidArgumentError("Namespace.model must not be empty")
+        if not isinstance(self.chunk_tokens, int) or self.chunk_tokens <= 0:
+            raise InvalidArgumentError("Namespace.chunk_tokens must be a positive int")
+        if not 0 <= self.tp_rank < self.tp_size:
+            raise InvalidArgumentError(
+                f"need 0 <= tp_rank < tp_size, got rank {self.tp_rank} of {self.tp_size}"
+            )
+
+    def canonical_bytes(self) -> bytes:
+        """The exact bytes hashed into the namespace digest (see the key spec)."""
+        fields = (
+            ("model", self.model),
+            ("revision", self.revision),
+            ("num_layers", self.layout.num_layers),
+            ("num_kv_heads", self.layout.num_kv_heads),
+            ("head_dim", self.layout.head_dim),
+            ("dtype", self.layout.dtype),
+            ("mla", int(self.layout.mla)),
+            ("chunk_tokens", self.chunk_tokens),
+            ("tp_rank", self.tp_rank),
+            ("tp_size", self.tp_size),
+            ("codec", self.codec),
+            ("tenant", self.tenant),
+        )
+        return _NAMESPACE_TAG + b"".join(f"{k}={v}\n".encode() for k, v in fields)
+
+    def digest(self) -> bytes:
+        """blake3 of ``canonical_bytes()``, 32 bytes: the key of chunk -1."""
+        return blake3.blake3(self.canonical_bytes()).digest()
+
+
+def token_array(tokens: TokenIds) -> npt.NDArray[np.int32]:
+    """Tokens as a 1-D little-endian int32 array; ids must be in [0, 2**31)."""
+    if isinstance(tokens, torch.Tensor):
+        array = tokens.detach().cpu().numpy()
+    else:
+        array = np.asarray(tokens)
+    if array.ndim != 1:
+        raise InvalidArgumentError(f"tokens must be one-dimensional, got shape {array.shape}")
+    if array.size == 0:
+        return np.empty(0, dtype="<i4")
+    if array.dtype.kind not in "iu":
+        raise InvalidArgumentError(f"token ids must be integers, got dtype {array.dtype}")
+    if int(array.min()) < 0 or int(array.max()) > _INT32_MAX:
+        raise InvalidArgumentError("token ids must be in [0, 2**31)")
+    return array.astype("<i4", copy=False)
+
+
+def chunk_keys(namespace_digest: bytes, tokens: TokenIds, chunk_tokens: int) -> list[bytes]:
+    """The keys of every whole chunk of ``tokens``, in order."""
+    if len(namespace_digest) != KEY_BYTES:
+        raise InvalidArgumentError("a namespace digest is 32 bytes")
+    data = token_array(tokens)
+    whole = len(data) // chunk_tokens
+    raw = data[: whole * chunk_tokens].tobytes()
+    step = chunk_tokens * 4
+    keys: list[bytes] = []
+    previous = namespace_digest
+    for start in range(0, whole * step, step):
+        hasher = blake3.blake3(namespace_digest)
+        hasher.update(previous)
+        hasher.update(raw[start : start + step])
+        previous = hasher.digest()
+        keys.append(previous)
+    return keys
