@@ -51,6 +51,13 @@ def _cmd_conformance(args: argparse.Namespace) -> int:
     return code
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from kvstore.bench import run_bench
+
+    code: int = run_bench(args)
+    return code
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvstore", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -68,6 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
         "pytest_args", nargs="*", help="extra pytest arguments after --, e.g. -- -k batch"
     )
     conformance.set_defaults(func=_cmd_conformance)
+
+    from kvstore.bench import add_bench_arguments
+
+    bench = commands.add_parser(
+        "bench", help="measure store/retrieve throughput against raw baselines"
+    )
+    add_bench_arguments(bench)
+    bench.set_defaults(func=_cmd_bench)
     return parser
 
 
