@@ -28,6 +28,7 @@ from kvstore.buffers import BufferPool, byte_view
 from kvstore.chunk import decode_chunk, encode_chunk, raw_chunk_size
 from kvstore.codecs import Codec
 from kvstore.config import StoreConfig
+from kvstore.driver import Driver
 from kvstore.errors import (
     ConfigError,
     IntegrityError,
@@ -174,12 +175,27 @@ class AsyncKVStore:
         self._closed = False
 
     @classmethod
-    async def open(cls, config: StoreConfig, namespace: Namespace) -> AsyncKVStore:
-        """Open every tier's driver and load the indexes of persistent tiers."""
+    async def open(
+        cls,
+        config: StoreConfig,
+        namespace: Namespace,
+        *,
+        drivers: Sequence[Driver[Any]] | None = None,
+    ) -> AsyncKVStore:
+        """Open every tier's driver and load the indexes of persistent tiers.
+
+        ``drivers``, one per tier, are used instead of opening the tier URLs
+        (for drivers built in code, such as fault-injection wrappers); the
+        store closes them when it closes.
+        """
+        if drivers is not None and len(drivers) != len(config.tiers):
+            raise ConfigError(f"{len(drivers)} drivers given for {len(config.tiers)} tiers")
         tiers: list[Tier] = []
         try:
             for position, tier_config in enumerate(config.tiers):
-                driver = await open_driver(tier_config.url)
+                driver = (
+                    drivers[position] if drivers is not None else await open_driver(tier_config.url)
+                )
                 try:
                     tier = Tier(position, tier_config, driver)
                 except KVStoreError:
@@ -667,9 +683,16 @@ class KVStore:
         self._loop = loop
 
     @classmethod
-    def open(cls, config: StoreConfig, namespace: Namespace) -> KVStore:
+    def open(
+        cls,
+        config: StoreConfig,
+        namespace: Namespace,
+        *,
+        drivers: Sequence[Driver[Any]] | None = None,
+    ) -> KVStore:
+        """Open a store on the shared loop thread (see ``AsyncKVStore.open``)."""
         loop = shared_loop()
-        return cls(loop.run(AsyncKVStore.open(config, namespace)), loop)
+        return cls(loop.run(AsyncKVStore.open(config, namespace, drivers=drivers)), loop)
 
     @property
     def async_store(self) -> AsyncKVStore:

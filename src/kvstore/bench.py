@@ -1,0 +1,574 @@
+"""``kvstore bench``: store/retrieve throughput of each tier against a raw baseline.
+
+For every tier and layout the bench opens a store with that tier alone, then
+per repeat stores N fresh chunks (``store`` + ``flush``) and retrieves them
+into a preallocated tensor, interleaved with a raw baseline that moves the
+same bytes with no store in between:
+
+- cpu: ``dst.copy_(src)`` per chunk between pre-touched host tensors;
+- nvme: O_DIRECT ``pwrite``/``pread`` of one file per chunk, from and into
+  pre-touched page-aligned ``mmap`` buffers, on as many threads as the
+  driver's ``io_threads``, in the same directory as the store's files.
+
+Throughput is KV payload bytes (``layout.nbytes(chunk_tokens) * N``) over
+wall time, in GB/s (10**9 bytes); the ratio is kvstore over baseline. Each
+figure is the median of the timed repeats, after untimed warm-up repeats that
+fault in the store's pooled buffers. Retrieve runs with payload verification
+on (the default) and off (``TierConfig(verify=False)``); stores always digest.
+The targets are printed next to each ratio, never enforced.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import mmap
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from kvstore.chunk import raw_chunk_size
+from kvstore.config import StoreConfig, TierConfig
+from kvstore.errors import ConfigError, KVStoreError
+from kvstore.keys import Namespace
+from kvstore.layout import KVLayout
+from kvstore.sizes import format_size
+from kvstore.store import KVStore
+
+LAYOUTS: dict[str, KVLayout] = {
+    "llama3-8b": KVLayout(num_layers=32, num_kv_heads=8, head_dim=128, dtype="float16"),
+    "qwen2-0.5b": KVLayout(num_layers=24, num_kv_heads=2, head_dim=64, dtype="float16"),
+}
+"""Named KV layouts: Llama-3-8B (32 MiB a 256-token chunk) and Qwen2-0.5B (3 MiB)."""
+
+TIERS = ("cpu", "nvme")
+TARGETS: dict[str, float] = {"cpu": 0.85, "nvme": 0.90}
+"""The ratio each tier aims for against its raw baseline (reported, not enforced)."""
+
+CHUNK_TOKENS = 256
+FULL_BYTES = 512 << 20
+QUICK_BYTES = 24 << 20
+"""KV bytes moved per repeat and layout when ``--chunks`` is not given."""
+
+FULL_REPEATS, QUICK_REPEATS = 5, 2
+DEFAULT_IO_THREADS = 4
+"""Baseline threads when the nvme driver's config has no ``io_threads``."""
+
+_ALIGN = 4096
+_O_DIRECT: int = getattr(os, "O_DIRECT", 0)
+_O_CLOEXEC: int = getattr(os, "O_CLOEXEC", 0)
+GB = 1e9
+_DESCRIPTION = "Measure kvstore store/retrieve throughput per tier against raw baselines."
+
+
+@dataclass
+class Row:
+    """One measured (tier, layout, op, verify) cell: wall times of both sides per repeat."""
+
+    tier: str
+    layout: str
+    op: str
+    verify: bool
+    chunks: int
+    chunk_bytes: int
+    baseline: str
+    kvstore_s: list[float] = field(default_factory=list)
+    baseline_s: list[float] = field(default_factory=list)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.chunks * self.chunk_bytes
+
+    @property
+    def kvstore_gbps(self) -> float:
+        return self.total_bytes / statistics.median(self.kvstore_s) / GB
+
+    @property
+    def baseline_gbps(self) -> float:
+        return self.total_bytes / statistics.median(self.baseline_s) / GB
+
+    @property
+    def ratio(self) -> float:
+        return self.kvstore_gbps / self.baseline_gbps
+
+    @property
+    def target(self) -> float:
+        return TARGETS[self.tier]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "tier": self.tier,
+            "layout": self.layout,
+            "op": self.op,
+            "verify": self.verify,
+            "chunks": self.chunks,
+            "chunk_bytes": self.chunk_bytes,
+            "total_bytes": self.total_bytes,
+            "baseline": self.baseline,
+            "kvstore_gbps": self.kvstore_gbps,
+            "baseline_gbps": self.baseline_gbps,
+            "ratio": self.ratio,
+            "target": self.target,
+            "meets_target": self.ratio >= self.target,
+            "kvstore_best_gbps": self.total_bytes / min(self.kvstore_s) / GB,
+            "baseline_best_gbps": self.total_bytes / min(self.baseline_s) / GB,
+            "kvstore_seconds": self.kvstore_s,
+            "baseline_seconds": self.baseline_s,
+        }
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What to measure, from the command line."""
+
+    layouts: tuple[str, ...]
+    tiers: tuple[str, ...]
+    chunks: int | None
+    repeat: int
+    warmup: int
+    verify: tuple[bool, ...]
+    directory: Path | None
+    json_path: Path | None
+    quick: bool
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Settings:
+        tiers = tuple(t.strip() for t in args.tiers.split(",") if t.strip())
+        unknown = [t for t in tiers if t not in TIERS]
+        if unknown or not tiers:
+            raise ConfigError(f"--tiers takes a list from {', '.join(TIERS)}, got {args.tiers!r}")
+        if args.chunks is not None and args.chunks < 1:
+            raise ConfigError("--chunks must be at least 1")
+        repeat = (
+            args.repeat
+            if args.repeat is not None
+            else (QUICK_REPEATS if args.quick else FULL_REPEATS)
+        )
+        if repeat < 1 or args.warmup < 0:
+            raise ConfigError("--repeat must be at least 1 and --warmup at least 0")
+        return cls(
+            layouts=tuple(LAYOUTS) if args.layout == "all" else (args.layout,),
+            tiers=tiers,
+            chunks=args.chunks,
+            repeat=repeat,
+            warmup=args.warmup,
+            verify={"both": (True, False), "on": (True,), "off": (False,)}[args.verify],
+            directory=Path(args.dir) if args.dir else None,
+            json_path=Path(args.json) if args.json else None,
+            quick=args.quick,
+        )
+
+    def chunk_count(self, layout: KVLayout) -> int:
+        if self.chunks is not None:
+            return self.chunks
+        budget = QUICK_BYTES if self.quick else FULL_BYTES
+        return max(1, budget // layout.nbytes(CHUNK_TOKENS))
+
+
+class Baseline(Protocol):
+    """The raw yardstick of a tier: the same bytes moved with nothing in between."""
+
+    description: str
+
+    def write(self) -> float: ...
+
+    def read(self) -> float: ...
+
+    def reset(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class CopyBaseline:
+    """The cpu tier's yardstick: ``dst.copy_(src)`` per chunk, pre-touched tensors."""
+
+    def __init__(self, workload: Workload) -> None:
+        self.description = f"torch copy_, {torch.get_num_threads()} threads"
+        self._host = workload.kv_bytes().clone()
+        self._arena = torch.zeros_like(self._host)
+
+    def write(self) -> float:
+        return _timed(lambda: _copy_rows(self._arena, self._host))
+
+    def read(self) -> float:
+        return _timed(lambda: _copy_rows(self._host, self._arena))
+
+    def reset(self) -> None:
+        """Nothing to undo: the next write overwrites the same memory."""
+
+    def close(self) -> None:
+        """The tensors go with the object."""
+
+
+def _copy_rows(destination: torch.Tensor, source: torch.Tensor) -> None:
+    for target, row in zip(destination, source):
+        target.copy_(row)
+
+
+class DirectIOBaseline:
+    """The nvme tier's yardstick: O_DIRECT pwrite/pread of one file per chunk.
+
+    Buffers are anonymous mappings (page-aligned, touched before timing); each
+    chunk is padded to 4 KiB as O_DIRECT requires, and the files live in the
+    store's directory so both sides hit the same filesystem and device.
+    """
+
+    def __init__(self, directory: Path, workload: Workload, threads: int) -> None:
+        _check_direct_io(directory)
+        self.description = f"O_DIRECT pwrite/pread, {threads} threads"
+        chunks = workload.chunks
+        self._size = -(-workload.chunk_bytes // _ALIGN) * _ALIGN
+        self._paths = [directory / f"chunk-{i:05d}" for i in range(chunks)]
+        self._source = mmap.mmap(-1, self._size * chunks)
+        self._target = mmap.mmap(-1, self._size * chunks)
+        source = np.frombuffer(self._source, dtype=np.uint8).reshape(chunks, self._size)
+        source[:, workload.chunk_bytes :] = 0
+        source[:, : workload.chunk_bytes] = workload.kv_bytes().numpy()
+        np.frombuffer(self._target, dtype=np.uint8)[:] = 0
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="bench-direct-io")
+
+    def _slice(self, buffer: mmap.mmap, index: int) -> memoryview:
+        return memoryview(buffer)[index * self._size : (index + 1) * self._size]
+
+    def _write_one(self, index: int) -> None:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _O_DIRECT | _O_CLOEXEC
+        fd = os.open(self._paths[index], flags, 0o600)
+        try:
+            view = self._slice(self._source, index)
+            done = 0
+            while done < len(view):
+                done += os.pwrite(fd, view[done:], done)
+        finally:
+            os.close(fd)
+
+    def _read_one(self, index: int) -> None:
+        fd = os.open(self._paths[index], os.O_RDONLY | _O_DIRECT | _O_CLOEXEC)
+        try:
+            view = self._slice(self._target, index)
+            done = 0
+            while done < len(view):
+                got = os.preadv(fd, [view[done:]], done)
+                if got == 0:
+                    raise OSError(f"{self._paths[index]} is shorter than it was written")
+                done += got
+        finally:
+            os.close(fd)
+
+    def write(self) -> float:
+        return _timed(lambda: list(self._pool.map(self._write_one, range(len(self._paths)))))
+
+    def read(self) -> float:
+        return _timed(lambda: list(self._pool.map(self._read_one, range(len(self._paths)))))
+
+    def reset(self) -> None:
+        """Delete the files, as the store's clear() deletes its chunks."""
+        for path in self._paths:
+            path.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        self.reset()
+        self._pool.shutdown(wait=True)
+        self._source.close()
+        self._target.close()
+
+
+def _check_direct_io(directory: Path) -> None:
+    """Refuse a filesystem without O_DIRECT (tmpfs): the baseline would be meaningless."""
+    probe = directory / "baseline-probe"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | _O_DIRECT | _O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise ConfigError(
+            f"{directory} does not support O_DIRECT ({exc.strerror}); "
+            "pass --dir on a disk-backed filesystem"
+        ) from None
+    os.close(fd)
+    probe.unlink()
+
+
+def _timed(action: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    action()
+    return time.perf_counter() - start
+
+
+class Workload:
+    """The KV of N chunks, a preallocated tensor to retrieve into, fresh tokens per repeat."""
+
+    def __init__(self, name: str, layout: KVLayout, chunks: int) -> None:
+        self.name = name
+        self.layout = layout
+        self.chunks = chunks
+        self.tokens_total = chunks * CHUNK_TOKENS
+        generator = torch.Generator().manual_seed(0)
+        self.kv = torch.randn(
+            layout.shape(self.tokens_total), generator=generator, dtype=torch.float32
+        ).to(layout.torch_dtype)
+        self.out = torch.zeros_like(self.kv)
+        self.chunk_bytes = layout.nbytes(CHUNK_TOKENS)
+        self.encoded_bytes = raw_chunk_size(self.kv[:, :, :CHUNK_TOKENS])
+        self._rng = np.random.default_rng(1)
+
+    def kv_bytes(self) -> torch.Tensor:
+        """The KV's bytes as ``[chunks, chunk_bytes]`` uint8 (a view, not chunk-ordered)."""
+        return self.kv.view(torch.uint8).reshape(self.chunks, self.chunk_bytes)
+
+    def fresh_tokens(self) -> torch.Tensor:
+        """Token ids no earlier repeat used (with overwhelming odds), so every chunk is new."""
+        ids = self._rng.integers(0, 2**31 - 1, self.tokens_total, dtype=np.int64)
+        return torch.from_numpy(ids)
+
+    def namespace(self) -> Namespace:
+        return Namespace(
+            model=f"bench/{self.name}", revision="0", layout=self.layout, chunk_tokens=CHUNK_TOKENS
+        )
+
+
+def _tier_url(tier: str, workload: Workload, directory: Path) -> str:
+    page = 256 << 10
+    held = workload.chunks * -(-workload.encoded_bytes // page) * page
+    if tier == "cpu":
+        return f"cpu://?capacity={held + page}"
+    return f"nvme://{directory}?capacity={2 * held + (64 << 20)}"
+
+
+def _io_threads(store: KVStore) -> int:
+    threads = getattr(store.tiers[0].driver.config, "io_threads", None)
+    return threads if isinstance(threads, int) and threads > 0 else DEFAULT_IO_THREADS
+
+
+def measure(
+    tier: str, workload: Workload, verify: bool, settings: Settings, scratch: Path
+) -> tuple[Row, Row]:
+    """Store and retrieve rows of one tier, layout and verify setting."""
+    store_dir = Path(tempfile.mkdtemp(prefix=f"{tier}-store-", dir=scratch))
+    baseline_dir = Path(tempfile.mkdtemp(prefix=f"{tier}-baseline-", dir=scratch))
+    config = StoreConfig(
+        tiers=[TierConfig(url=_tier_url(tier, workload, store_dir), verify=verify)],
+        chunk_tokens=CHUNK_TOKENS,
+    )
+    store = KVStore.open(config, workload.namespace())
+    baseline: Baseline | None = None
+    try:
+        if tier == "cpu":
+            baseline = CopyBaseline(workload)
+        else:
+            baseline = DirectIOBaseline(baseline_dir, workload, _io_threads(store))
+        stored, retrieved = (
+            Row(
+                tier=tier,
+                layout=workload.name,
+                op=op,
+                verify=verify,
+                chunks=workload.chunks,
+                chunk_bytes=workload.chunk_bytes,
+                baseline=baseline.description,
+            )
+            for op in ("store", "retrieve")
+        )
+        for repeat in range(settings.warmup + settings.repeat):
+            times = _one_repeat(store, baseline, workload, check=repeat == 0)
+            if repeat >= settings.warmup:
+                stored.baseline_s.append(times[0])
+                stored.kvstore_s.append(times[1])
+                retrieved.baseline_s.append(times[2])
+                retrieved.kvstore_s.append(times[3])
+        return stored, retrieved
+    finally:
+        if baseline is not None:
+            baseline.close()
+        store.close()
+        shutil.rmtree(store_dir, ignore_errors=True)
+        shutil.rmtree(baseline_dir, ignore_errors=True)
+
+
+def _one_repeat(
+    store: KVStore, baseline: Baseline, workload: Workload, *, check: bool
+) -> tuple[float, float, float, float]:
+    """Baseline write, store, baseline read, retrieve; then clear both, untimed."""
+    tokens = workload.fresh_tokens()
+    baseline_write = baseline.write()
+    start = time.perf_counter()
+    result = store.store(tokens, workload.kv)
+    store.flush()
+    store_time = time.perf_counter() - start
+    if result.written != workload.chunks:
+        raise KVStoreError(
+            f"the store wrote {result.written} of {workload.chunks} chunks "
+            f"({result.failed} failed); see the log"
+        )
+    baseline_read = baseline.read()
+    start = time.perf_counter()
+    loaded = store.retrieve(tokens, out=workload.out)
+    retrieve_time = time.perf_counter() - start
+    if loaded.tokens != workload.tokens_total:
+        raise KVStoreError(f"retrieve loaded {loaded.tokens} of {workload.tokens_total} tokens")
+    if check and not torch.equal(workload.out, workload.kv):
+        raise KVStoreError("retrieve returned different KV than was stored")
+    store.clear()
+    baseline.reset()
+    return baseline_write, store_time, baseline_read, retrieve_time
+
+
+@contextmanager
+def scratch_directory(parent: Path | None) -> Iterator[Path]:
+    """A fresh directory for the nvme files, removed afterwards.
+
+    Under ``--dir`` when given, else under the user's cache directory (usually
+    on disk, unlike a tmpfs ``/tmp``, so O_DIRECT works).
+    """
+    if parent is None:
+        cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(Path.home(), ".cache")
+        parent = Path(cache) / "kvstore"
+    parent.mkdir(parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix="bench-", dir=parent))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def results_table(rows: Sequence[Row], settings: Settings) -> Table:
+    table = Table(
+        title="kvstore bench",
+        caption=(
+            f"GB/s = 10^9 bytes of KV per second, median of {settings.repeat} repeats "
+            f"after {settings.warmup} warm-up; verify = payload digest checked on retrieve "
+            "(store always digests)"
+        ),
+    )
+    for column in ("tier", "layout", "op", "verify", "chunks"):
+        table.add_column(column)
+    for column in ("kvstore GB/s", "baseline GB/s", "ratio", "target"):
+        table.add_column(column, justify="right")
+    table.add_column("baseline")
+    for row in rows:
+        colour = "green" if row.ratio >= row.target else "yellow"
+        table.add_row(
+            row.tier,
+            row.layout,
+            row.op,
+            "on" if row.verify else "off",
+            f"{row.chunks} x {format_size(row.chunk_bytes)}",
+            f"{row.kvstore_gbps:.2f}",
+            f"{row.baseline_gbps:.2f}",
+            f"[{colour}]{row.ratio:.2f}[/{colour}]",
+            f">= {row.target:.2f}",
+            row.baseline,
+        )
+    return table
+
+
+def report(rows: Sequence[Row], settings: Settings, errors: Sequence[str]) -> dict[str, Any]:
+    return {
+        "machine": {
+            "cpus": os.cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+        },
+        "settings": {
+            "layouts": list(settings.layouts),
+            "tiers": list(settings.tiers),
+            "chunk_tokens": CHUNK_TOKENS,
+            "repeat": settings.repeat,
+            "warmup": settings.warmup,
+            "statistic": "median",
+            "quick": settings.quick,
+        },
+        "results": [row.to_json() for row in rows],
+        "errors": list(errors),
+    }
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``kvstore bench`` (and of benchmarks/store_tiers.py)."""
+    parser.add_argument(
+        "--layout",
+        choices=[*LAYOUTS, "all"],
+        default="all",
+        help="KV layout to measure (default: all)",
+    )
+    parser.add_argument(
+        "--tiers", default=",".join(TIERS), help="comma-separated tiers (default: cpu,nvme)"
+    )
+    parser.add_argument(
+        "--chunks",
+        type=int,
+        help=f"256-token chunks per repeat (default: {format_size(FULL_BYTES)} of KV per "
+        f"layout, {format_size(QUICK_BYTES)} with --quick)",
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        help=f"timed repeats, the median is reported (default {FULL_REPEATS}, "
+        f"{QUICK_REPEATS} with --quick)",
+    )
+    parser.add_argument("--warmup", type=int, default=1, help="untimed repeats first (default 1)")
+    parser.add_argument(
+        "--verify",
+        choices=["both", "on", "off"],
+        default="both",
+        help="payload verification on retrieve: measure with it on, off, or both (default)",
+    )
+    parser.add_argument(
+        "--dir",
+        metavar="DIR",
+        help="where the nvme tier and its baseline write (default: the user cache dir)",
+    )
+    parser.add_argument("--quick", action="store_true", help="small sizes, a few seconds a tier")
+    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
+
+
+def run_bench(args: argparse.Namespace) -> int:
+    """Run the bench; 0 when every tier was measured, whatever the ratios, else 1."""
+    settings = Settings.from_args(args)
+    console = Console()
+    rows: list[Row] = []
+    errors: list[str] = []
+    with scratch_directory(settings.directory) as scratch:
+        for name in settings.layouts:
+            layout = LAYOUTS[name]
+            workload = Workload(name, layout, settings.chunk_count(layout))
+            for tier in settings.tiers:
+                for verify in settings.verify:
+                    label = f"{tier} {name} verify={'on' if verify else 'off'}"
+                    with console.status(f"measuring {label}"):
+                        try:
+                            rows.extend(measure(tier, workload, verify, settings, scratch))
+                        except (KVStoreError, OSError) as exc:
+                            errors.append(f"{label}: {type(exc).__name__}: {exc}")
+                            console.print(f"[red]error[/red] {errors[-1]}")
+            del workload
+    if rows:
+        console.print(results_table(rows, settings))
+    if settings.json_path is not None:
+        settings.json_path.write_text(json.dumps(report(rows, settings, errors), indent=2) + "\n")
+    return 1 if errors else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point for running the bench outside the ``kvstore`` command."""
+    parser = argparse.ArgumentParser(prog="kvstore bench", description=_DESCRIPTION)
+    add_bench_arguments(parser)
+    return run_bench(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
