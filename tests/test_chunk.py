@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvstore.chunk import decode_chunk, encode_chunk, read_header, raw_chunk_size
+from kvstore.chunk import decode_chunk, encode_chunk, raw_chunk_size, read_header
 from kvstore.codecs import codec_stack
 from kvstore.errors import ConfigError, IntegrityError, InvalidArgumentError
 from kvstore.layout import KVLayout
