@@ -1,5 +1,6 @@
 """kvstore: a hierarchical KV-cache storage layer for LLM inference."""
 
+from kvstore.config import StoreConfig, TierConfig
 from kvstore.config_url import DriverConfig
 from kvstore.driver import Capabilities, Driver, KeyEntry, Usage
 from kvstore.errors import (
@@ -17,12 +18,24 @@ from kvstore.errors import (
     NotSupportedError,
     TransientError,
 )
+from kvstore.keys import Namespace, chunk_keys
+from kvstore.layout import KVLayout
 from kvstore.registry import DriverInfo, default_registry, hookimpl, open_driver, parse_url
+from kvstore.store import (
+    AsyncKVStore,
+    KVStore,
+    LookupResult,
+    RetrieveResult,
+    StoreResult,
+    StoreStats,
+    open_store,
+)
 from kvstore.sync import SyncDriver
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AsyncKVStore",
     "Capabilities",
     "CapacityError",
     "ConfigError",
@@ -36,16 +49,27 @@ __all__ = [
     "IntegrityError",
     "InvalidArgumentError",
     "InvalidKeyError",
+    "KVLayout",
+    "KVStore",
     "KVStoreError",
     "KeyEntry",
+    "LookupResult",
+    "Namespace",
     "NotFoundError",
     "NotSupportedError",
+    "RetrieveResult",
+    "StoreConfig",
+    "StoreResult",
+    "StoreStats",
     "SyncDriver",
+    "TierConfig",
     "TransientError",
     "Usage",
     "__version__",
+    "chunk_keys",
     "default_registry",
     "hookimpl",
     "open_driver",
+    "open_store",
     "parse_url",
 ]
