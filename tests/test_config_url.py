@@ -20,7 +20,7 @@ from kvstore.sizes import format_size, parse_size
         "cpu://",
         "cpu://?capacity=4GiB",
         "nvme:///var/cache/kv?capacity=64GiB",
-        "nvme://relative/dir",
+        "nvme://relative/dir?capacity=1GiB",
     ],
 )
 def test_round_trip_and_pickle(url: str) -> None:
