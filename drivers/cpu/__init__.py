@@ -1,4 +1,4 @@
-"""The ``cpu`` driver plugin: a page-locked host-memory arena (see README.md)."""
+"""The ``cpu`` driver plugin: a page-locked host-memory arena (docs/drivers/cpu.md)."""
 
 from kvstore.registry import DriverInfo, hookimpl
 

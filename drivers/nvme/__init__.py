@@ -1,4 +1,4 @@
-"""The ``nvme`` driver plugin: local NVMe through O_DIRECT (see README.md)."""
+"""The ``nvme`` driver plugin: local NVMe through O_DIRECT (docs/drivers/nvme.md)."""
 
 from kvstore.registry import DriverInfo, hookimpl
 
