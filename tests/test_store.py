@@ -393,3 +393,19 @@ async def test_closed_store_refuses_calls() -> None:
     with pytest.raises(InvalidArgumentError):
         await store.retrieve([1] * CHUNK)
     await asyncio.sleep(0)
+
+
+async def test_mla_layout_round_trip() -> None:
+    layout = KVLayout(num_layers=3, num_kv_heads=1, head_dim=48, dtype="bfloat16", mla=True)
+    namespace = Namespace("mla-model", "rev", layout, chunk_tokens=CHUNK)
+    store = await AsyncKVStore.open(config("cpu://?capacity=8MiB"), namespace)
+    try:
+        ids = list(range(3 * CHUNK))
+        kv = torch.randn(layout.shape(3 * CHUNK)).to(torch.bfloat16)
+        await store.store(ids, kv)
+        loaded = await store.retrieve(ids)
+        assert loaded.kv is not None
+        assert loaded.kv.shape == (3, 1, 3 * CHUNK, 1, 48)
+        assert torch.equal(loaded.kv, kv)
+    finally:
+        await store.close()
