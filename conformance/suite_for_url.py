@@ -1,0 +1,22 @@
+"""The whole suite against the driver named on the command line.
+
+``kvstore conformance <url>`` runs this module with ``--kvstore-url=<url>``;
+running it by hand works the same way.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from .suite import DriverTests
+
+
+class TestDriver(DriverTests):
+    """The driver of ``--kvstore-url``."""
+
+    @pytest.fixture
+    def driver_config(self, request: pytest.FixtureRequest) -> str:
+        url = request.config.getoption("kvstore_url")
+        if not url:
+            pytest.skip("no driver to test: pass --kvstore-url=<url>")
+        return str(url)
