@@ -35,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -66,8 +66,8 @@ QUICK_BYTES = 24 << 20
 """KV bytes moved per repeat and layout when ``--chunks`` is not given."""
 
 FULL_REPEATS, QUICK_REPEATS = 5, 2
-DEFAULT_IO_THREADS = 4
-"""Baseline threads when the nvme driver's config has no ``io_threads``."""
+DEFAULT_IO_THREADS, DEFAULT_IO_BLOCK = 8, 4 << 20
+"""Baseline threads and piece size when the nvme driver's config names none."""
 
 _ALIGN = 4096
 _O_DIRECT: int = getattr(os, "O_DIRECT", 0)
@@ -223,57 +223,91 @@ def _copy_rows(destination: torch.Tensor, source: torch.Tensor) -> None:
 class DirectIOBaseline:
     """The nvme tier's yardstick: O_DIRECT pwrite/pread of one file per chunk.
 
-    Buffers are anonymous mappings (page-aligned, touched before timing); each
-    chunk is padded to 4 KiB as O_DIRECT requires, and the files live in the
-    store's directory so both sides hit the same filesystem and device.
+    Each chunk, padded to 4 KiB as O_DIRECT requires, moves in ``piece``-byte
+    pwrite/pread calls spread over ``threads`` threads: the queue depth the
+    nvme driver keeps with the same ``io_threads`` and ``io_block``. Buffers
+    are anonymous mappings (page-aligned, touched before timing); the files
+    live next to the store's, on the same filesystem and device. With
+    ``fsync`` (the driver's default) each file is fsynced before it is closed,
+    so both sides pay for durability.
     """
 
-    def __init__(self, directory: Path, workload: Workload, threads: int) -> None:
+    def __init__(
+        self, directory: Path, workload: Workload, *, threads: int, piece: int, fsync: bool
+    ) -> None:
         _check_direct_io(directory)
-        self.description = f"O_DIRECT pwrite/pread, {threads} threads"
+        self.description = (
+            f"O_DIRECT pwrite{'+fsync' if fsync else ''}/pread of {format_size(piece)} "
+            f"pieces on {threads} threads, a file a chunk"
+        )
+        self._fsync = fsync
         chunks = workload.chunks
-        self._size = -(-workload.chunk_bytes // _ALIGN) * _ALIGN
+        size = -(-workload.chunk_bytes // _ALIGN) * _ALIGN
         self._paths = [directory / f"chunk-{i:05d}" for i in range(chunks)]
-        self._source = mmap.mmap(-1, self._size * chunks)
-        self._target = mmap.mmap(-1, self._size * chunks)
-        source = np.frombuffer(self._source, dtype=np.uint8).reshape(chunks, self._size)
+        self._source = mmap.mmap(-1, size * chunks)
+        self._target = mmap.mmap(-1, size * chunks)
+        source = np.frombuffer(self._source, dtype=np.uint8).reshape(chunks, size)
         source[:, workload.chunk_bytes :] = 0
         source[:, : workload.chunk_bytes] = workload.kv_bytes().numpy()
         np.frombuffer(self._target, dtype=np.uint8)[:] = 0
+        self._pieces = [
+            (index, offset, min(piece, size - offset))
+            for index in range(chunks)
+            for offset in range(0, size, piece)
+        ]
+        self._size = size
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="bench-direct-io")
 
-    def _slice(self, buffer: mmap.mmap, index: int) -> memoryview:
-        return memoryview(buffer)[index * self._size : (index + 1) * self._size]
+    def _view(self, buffer: mmap.mmap, index: int, offset: int, length: int) -> memoryview:
+        start = index * self._size + offset
+        return memoryview(buffer)[start : start + length]
 
-    def _write_one(self, index: int) -> None:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | _O_DIRECT | _O_CLOEXEC
-        fd = os.open(self._paths[index], flags, 0o600)
-        try:
-            view = self._slice(self._source, index)
-            done = 0
-            while done < len(view):
-                done += os.pwrite(fd, view[done:], done)
-        finally:
-            os.close(fd)
+    def _open_all(self, flags: int) -> list[int]:
+        return [os.open(path, flags | _O_DIRECT | _O_CLOEXEC, 0o600) for path in self._paths]
 
-    def _read_one(self, index: int) -> None:
-        fd = os.open(self._paths[index], os.O_RDONLY | _O_DIRECT | _O_CLOEXEC)
-        try:
-            view = self._slice(self._target, index)
+    def _move(self, fds: list[int], buffer: mmap.mmap, write: bool) -> None:
+        def one(piece: tuple[int, int, int]) -> None:
+            index, offset, length = piece
+            view = self._view(buffer, index, offset, length)
             done = 0
-            while done < len(view):
-                got = os.preadv(fd, [view[done:]], done)
-                if got == 0:
+            while done < length:
+                if write:
+                    moved = os.pwrite(fds[index], view[done:], offset + done)
+                else:
+                    moved = os.preadv(fds[index], [view[done:]], offset + done)
+                if moved == 0:
                     raise OSError(f"{self._paths[index]} is shorter than it was written")
-                done += got
+                done += moved
+
+        list(self._pool.map(one, self._pieces))
+
+    def _finish(self, fd: int) -> None:
+        try:
+            if self._fsync:
+                os.fsync(fd)
         finally:
             os.close(fd)
 
     def write(self) -> float:
-        return _timed(lambda: list(self._pool.map(self._write_one, range(len(self._paths)))))
+        def run() -> None:
+            fds = self._open_all(os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+            try:
+                self._move(fds, self._source, write=True)
+            finally:
+                list(self._pool.map(self._finish, fds))
+
+        return _timed(run)
 
     def read(self) -> float:
-        return _timed(lambda: list(self._pool.map(self._read_one, range(len(self._paths)))))
+        def run() -> None:
+            fds = self._open_all(os.O_RDONLY)
+            try:
+                self._move(fds, self._target, write=False)
+            finally:
+                for fd in fds:
+                    os.close(fd)
+
+        return _timed(run)
 
     def reset(self) -> None:
         """Delete the files, as the store's clear() deletes its chunks."""
@@ -347,9 +381,18 @@ def _tier_url(tier: str, workload: Workload, directory: Path) -> str:
     return f"nvme://{directory}?capacity={2 * held + (64 << 20)}"
 
 
-def _io_threads(store: KVStore) -> int:
-    threads = getattr(store.tiers[0].driver.config, "io_threads", None)
-    return threads if isinstance(threads, int) and threads > 0 else DEFAULT_IO_THREADS
+def _direct_io_baseline(store: KVStore, directory: Path, workload: Workload) -> DirectIOBaseline:
+    """The O_DIRECT baseline with the nvme driver's threads, piece size and fsync setting."""
+    config = store.tiers[0].driver.config
+    threads = getattr(config, "io_threads", DEFAULT_IO_THREADS)
+    piece = getattr(config, "io_block", DEFAULT_IO_BLOCK)
+    return DirectIOBaseline(
+        directory,
+        workload,
+        threads=threads if isinstance(threads, int) and threads > 0 else DEFAULT_IO_THREADS,
+        piece=piece if isinstance(piece, int) and piece % _ALIGN == 0 else DEFAULT_IO_BLOCK,
+        fsync=bool(getattr(config, "fsync", False)),
+    )
 
 
 def measure(
@@ -368,7 +411,7 @@ def measure(
         if tier == "cpu":
             baseline = CopyBaseline(workload)
         else:
-            baseline = DirectIOBaseline(baseline_dir, workload, _io_threads(store))
+            baseline = _direct_io_baseline(store, baseline_dir, workload)
         stored, retrieved = (
             Row(
                 tier=tier,
@@ -384,10 +427,10 @@ def measure(
         for repeat in range(settings.warmup + settings.repeat):
             times = _one_repeat(store, baseline, workload, check=repeat == 0)
             if repeat >= settings.warmup:
-                stored.baseline_s.append(times[0])
-                stored.kvstore_s.append(times[1])
-                retrieved.baseline_s.append(times[2])
-                retrieved.kvstore_s.append(times[3])
+                stored.baseline_s.append(times.baseline_write)
+                stored.kvstore_s.append(times.store)
+                retrieved.baseline_s.append(times.baseline_read)
+                retrieved.kvstore_s.append(times.retrieve)
         return stored, retrieved
     finally:
         if baseline is not None:
@@ -397,9 +440,18 @@ def measure(
         shutil.rmtree(baseline_dir, ignore_errors=True)
 
 
+class RepeatTimes(NamedTuple):
+    """Seconds taken by each step of one repeat."""
+
+    baseline_write: float
+    store: float
+    baseline_read: float
+    retrieve: float
+
+
 def _one_repeat(
     store: KVStore, baseline: Baseline, workload: Workload, *, check: bool
-) -> tuple[float, float, float, float]:
+) -> RepeatTimes:
     """Baseline write, store, baseline read, retrieve; then clear both, untimed."""
     tokens = workload.fresh_tokens()
     baseline_write = baseline.write()
@@ -422,7 +474,7 @@ def _one_repeat(
         raise KVStoreError("retrieve returned different KV than was stored")
     store.clear()
     baseline.reset()
-    return baseline_write, store_time, baseline_read, retrieve_time
+    return RepeatTimes(baseline_write, store_time, baseline_read, retrieve_time)
 
 
 @contextmanager
@@ -446,17 +498,20 @@ def scratch_directory(parent: Path | None) -> Iterator[Path]:
 def results_table(rows: Sequence[Row], settings: Settings) -> Table:
     table = Table(
         title="kvstore bench",
-        caption=(
-            f"GB/s = 10^9 bytes of KV per second, median of {settings.repeat} repeats "
-            f"after {settings.warmup} warm-up; verify = payload digest checked on retrieve "
-            "(store always digests)"
+        caption="\n".join(
+            (
+                f"GB/s = 10^9 bytes of KV per second, median of {settings.repeat} repeats "
+                f"after {settings.warmup} warm-up.",
+                "verify = payload digest checked on retrieve (store always digests).",
+                *sorted({f"{row.tier} baseline: {row.baseline}" for row in rows}),
+            )
         ),
+        caption_justify="left",
     )
     for column in ("tier", "layout", "op", "verify", "chunks"):
-        table.add_column(column)
+        table.add_column(column, no_wrap=True)
     for column in ("kvstore GB/s", "baseline GB/s", "ratio", "target"):
-        table.add_column(column, justify="right")
-    table.add_column("baseline")
+        table.add_column(column, justify="right", no_wrap=True)
     for row in rows:
         colour = "green" if row.ratio >= row.target else "yellow"
         table.add_row(
@@ -469,7 +524,6 @@ def results_table(rows: Sequence[Row], settings: Settings) -> Table:
             f"{row.baseline_gbps:.2f}",
             f"[{colour}]{row.ratio:.2f}[/{colour}]",
             f">= {row.target:.2f}",
-            row.baseline,
         )
     return table
 
@@ -539,7 +593,7 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 def run_bench(args: argparse.Namespace) -> int:
     """Run the bench; 0 when every tier was measured, whatever the ratios, else 1."""
     settings = Settings.from_args(args)
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 120)
     rows: list[Row] = []
     errors: list[str] = []
     with scratch_directory(settings.directory) as scratch:
@@ -556,6 +610,7 @@ def run_bench(args: argparse.Namespace) -> int:
                             errors.append(f"{label}: {type(exc).__name__}: {exc}")
                             console.print(f"[red]error[/red] {errors[-1]}")
             del workload
+    rows.sort(key=lambda row: (TIERS.index(row.tier), settings.layouts.index(row.layout)))
     if rows:
         console.print(results_table(rows, settings))
     if settings.json_path is not None:

@@ -87,7 +87,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    words = list(sys.argv[1:] if argv is None else argv)
+    passthrough: list[str] = []
+    if "--" in words:
+        cut = words.index("--")
+        words, passthrough = words[:cut], words[cut + 1 :]
+    args = build_parser().parse_args(words)
+    if passthrough:
+        if not hasattr(args, "pytest_args"):
+            build_parser().error("arguments after -- are only taken by 'conformance'")
+        args.pytest_args = [*args.pytest_args, *passthrough]
     try:
         code: int = args.func(args)
     except KVStoreError as exc:

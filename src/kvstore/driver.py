@@ -162,7 +162,19 @@ class Driver(abc.ABC, Generic[ConfigT]):
         value: a reader sees either the old value, the new one, or a miss.
         """
         self._check_open()
-        pairs = [(key, as_byte_view(value, self.name)) for key, value in items]
+        if isinstance(items, tuple) and len(items) == 2 and isinstance(items[0], bytes):
+            raise InvalidArgumentError(
+                "put_many takes a sequence of (key, value) pairs, got a single pair",
+                driver=self.name,
+            )
+        try:
+            pairs = [(key, as_byte_view(value, self.name)) for key, value in items]
+        except (TypeError, ValueError) as exc:
+            if isinstance(exc, InvalidArgumentError):
+                raise
+            raise InvalidArgumentError(
+                f"put_many takes a sequence of (key, value) pairs: {exc}", driver=self.name
+            ) from None
         check_keys([key for key, _ in pairs], self.name)
         if pairs:
             await self._put_many(pairs)

@@ -47,6 +47,8 @@ class LoopThread:
         try:
             return future.result(timeout)
         except FutureTimeout:
+            if future.done():
+                raise
             future.cancel()
             raise DriverTimeoutError(f"call did not finish within {timeout} s") from None
 
