@@ -235,6 +235,8 @@ def _run_pytest(url: str, extra_args: list[str], verbose: bool, collector: Outco
         "--import-mode=importlib",
         "-p",
         "no:cacheprovider",
+        "-p",
+        "no:asyncio",
         "-v" if verbose else "-q",
     ]
     if os.environ.get("PYTEST_DISABLE_PLUGIN_AUTOLOAD"):
