@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from kvstore.errors import KVStoreError
@@ -27,7 +28,7 @@ def _cmd_drivers(args: argparse.Namespace) -> int:
                 registered.info.scheme,
                 registered.source,
                 registered.info.summary,
-                f"[red]unavailable[/red]: {exc.message}",
+                f"[red]unavailable[/red]: {escape(exc.message)}",
                 "",
             )
             continue
@@ -100,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code: int = args.func(args)
     except KVStoreError as exc:
-        Console(stderr=True).print(f"[red]error:[/red] {type(exc).__name__}: {exc}")
+        Console(stderr=True).print(f"[red]error:[/red] {type(exc).__name__}: {escape(str(exc))}")
         return 2
     return code
 

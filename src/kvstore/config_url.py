@@ -40,7 +40,8 @@ class DriverConfig(BaseModel):
     @classmethod
     def from_url(cls, url: str) -> Self:
         """Parse ``url``; a ConfigError says what is wrong with it."""
-        if url_scheme(url) != cls.scheme:
+        scheme = url_scheme(url)
+        if scheme != cls.scheme and not scheme.startswith(cls.scheme + "+"):
             raise ConfigError(f"{cls.__name__} takes {cls.scheme}:// URLs, not {url!r}")
         parts = urlsplit(url)
         if parts.fragment:

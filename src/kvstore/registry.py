@@ -146,8 +146,11 @@ class DriverRegistry:
             self.register(plugin, name=ep.name, source=source)
 
     def get(self, scheme: str) -> RegisteredDriver:
+        """The driver of ``scheme``; ``family+variant`` schemes (``fsspec+s3``)
+        fall back to the family's driver when no driver claims the whole name."""
+        family = scheme.split("+", 1)[0]
         try:
-            return self._drivers[scheme]
+            return self._drivers[scheme if scheme in self._drivers else family]
         except KeyError:
             known = ", ".join(sorted(self._drivers)) or "none"
             raise NotFoundError(
