@@ -23,6 +23,7 @@ if TYPE_CHECKING:
         DriverTests,
         ErrorTests,
         FaultTests,
+        LoanTests,
         PersistenceTests,
     )
 
@@ -34,6 +35,7 @@ _HOMES = {
     "DriverTests": "kvstore.conformance.suite",
     "ErrorTests": "kvstore.conformance.suite",
     "FaultTests": "kvstore.conformance.suite",
+    "LoanTests": "kvstore.conformance.suite",
     "PersistenceTests": "kvstore.conformance.suite",
     "DriverHarness": "kvstore.conformance.harness",
     "FaultPlan": "kvstore.conformance.faults",
@@ -54,6 +56,7 @@ __all__ = [
     "FaultTests",
     "FaultyConfig",
     "FaultyDriver",
+    "LoanTests",
     "PersistenceTests",
     "run_conformance",
 ]

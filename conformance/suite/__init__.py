@@ -11,11 +11,13 @@ from .concurrency import ConcurrencyTests
 from .core import CoreTests
 from .errors import ErrorTests
 from .faults import FaultTests
+from .loans import LoanTests
 from .persistence import PersistenceTests
 
 
 class DriverTests(
     FaultTests,
+    LoanTests,
     ErrorTests,
     CapacityTests,
     PersistenceTests,
@@ -40,5 +42,6 @@ __all__ = [
     "DriverTests",
     "ErrorTests",
     "FaultTests",
+    "LoanTests",
     "PersistenceTests",
 ]

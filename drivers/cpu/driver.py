@@ -20,6 +20,7 @@ import contextlib
 import os
 import threading
 from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -94,7 +95,7 @@ class CpuDriver(Driver[CpuConfig]):
 
     config_type: ClassVar[type[DriverConfig]] = CpuConfig
     static_capabilities: ClassVar[Capabilities] = Capabilities(
-        persistent=False, listable=True, zero_copy=True, shared=False
+        persistent=False, listable=True, zero_copy=True, lends_views=True, shared=False
     )
 
     def __init__(self, config: CpuConfig, memory: HostMemory) -> None:
@@ -116,6 +117,7 @@ class CpuDriver(Driver[CpuConfig]):
             persistent=False,
             listable=True,
             zero_copy=True,
+            lends_views=True,
             shared=False,
             max_value_bytes=config.capacity,
             capacity_bytes=config.capacity,
@@ -184,6 +186,11 @@ class CpuDriver(Driver[CpuConfig]):
                 return results
             finally:
                 self._unpin(entries)
+
+    def _borrow_many(
+        self, keys: list[bytes]
+    ) -> AbstractAsyncContextManager[list[memoryview | None]]:
+        return _Loan(self, keys)
 
     async def _contains_many(self, keys: list[bytes]) -> list[bool]:
         with self._lock:
@@ -360,3 +367,35 @@ def _split(pairs: list[CopyPair], count: int) -> list[list[CopyPair]]:
             room -= end - start
             start = end
     return shares
+
+
+class _Loan:
+    """Read-only views of arena values held in one contiguous run, for one ``async with``.
+
+    The lent entries are pinned like a reader's, so an overwrite or delete
+    meanwhile leaves their pages alone until the loan ends, and ``close`` waits
+    for it.
+    """
+
+    def __init__(self, driver: CpuDriver, keys: list[bytes]) -> None:
+        self._driver = driver
+        self._keys = keys
+        self._entries: list[_Entry | None] = []
+        self._call = driver._call()
+
+    async def __aenter__(self) -> list[memoryview | None]:
+        self._call.__enter__()
+        self._entries = self._driver._pin(self._keys)
+        arena = self._driver._memory.array
+        views: list[memoryview | None] = []
+        for entry in self._entries:
+            if entry is None or len(entry.segments) > 1:
+                views.append(None)
+                continue
+            offset = entry.segments[0][0] if entry.segments else 0
+            views.append(arena[offset : offset + entry.size].data.toreadonly())
+        return views
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._driver._unpin(self._entries)
+        self._call.__exit__(None, None, None)

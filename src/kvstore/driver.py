@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import abc
 import builtins
+import contextlib
 from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import ClassVar, Generic, TypeVar
@@ -36,6 +38,8 @@ class Capabilities:
     listable: ``list`` enumerates every stored key.
     zero_copy: ``get_many(into=...)`` writes straight into the caller's buffers
         with no intermediate copy.
+    lends_views: ``borrow_many`` lends read-only views of values held in this
+        process's memory, so a reader verifies and copies them with no staging copy.
     shared: other processes or machines may write the same keys, so a
         store's own index of this tier is not the whole truth.
     max_value_bytes: the largest value ``put_many`` accepts (``None``: no limit
@@ -48,6 +52,7 @@ class Capabilities:
     persistent: bool
     listable: bool
     zero_copy: bool = False
+    lends_views: bool = False
     shared: bool = False
     max_value_bytes: int | None = None
     capacity_bytes: int | None = None
@@ -57,7 +62,7 @@ class Capabilities:
         """Short labels for people: the true flags and the limits."""
         labels = [
             name
-            for name in ("persistent", "listable", "zero_copy", "shared")
+            for name in ("persistent", "listable", "zero_copy", "lends_views", "shared")
             if getattr(self, name)
         ]
         if self.max_value_bytes is not None:
@@ -202,6 +207,21 @@ class Driver(abc.ABC, Generic[ConfigT]):
             return []
         return await self._get_many(list(keys), targets)
 
+    def borrow_many(
+        self, keys: Sequence[bytes]
+    ) -> AbstractAsyncContextManager[list[memoryview | None]]:
+        """Read-only views of the values of ``keys``, valid inside ``async with``.
+
+        ``None`` where a value is not lent (absent, or not held as one
+        contiguous piece of this process's memory): read those with
+        ``get_many``. Drivers that declare ``lends_views`` keep lent values
+        intact until the block exits, whatever is written or deleted meanwhile;
+        the views must not be used after it. The default lends nothing.
+        """
+        self._check_open()
+        check_keys(keys, self.name)
+        return self._borrow_many(list(keys))
+
     async def contains_many(self, keys: Sequence[bytes]) -> list[bool]:
         """Whether each key holds a value, in order."""
         self._check_open()
@@ -256,6 +276,12 @@ class Driver(abc.ABC, Generic[ConfigT]):
     async def _get_many(
         self, keys: builtins.list[bytes], into: builtins.list[memoryview | None] | None
     ) -> builtins.list[memoryview | None]: ...
+
+    def _borrow_many(
+        self, keys: builtins.list[bytes]
+    ) -> AbstractAsyncContextManager[builtins.list[memoryview | None]]:
+        nothing: builtins.list[memoryview | None] = [None] * len(keys)
+        return contextlib.nullcontext(nothing)
 
     @abc.abstractmethod
     async def _contains_many(self, keys: builtins.list[bytes]) -> builtins.list[bool]: ...

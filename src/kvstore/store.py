@@ -16,6 +16,7 @@ All state lives on one event loop: use ``AsyncKVStore`` from async code, or
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -111,6 +112,22 @@ class _Encoded:
         if self._users == 0 and self._buffer is not None:
             self._pool.release(self._buffer)
             self._buffer = None
+
+
+class _Reads:
+    """Where the values read for one batch live: pooled buffers and borrowed
+    views, released together once the batch is decoded."""
+
+    def __init__(self, pool: BufferPool) -> None:
+        self._pool = pool
+        self.buffers: list[torch.Tensor] = []
+        self.loans = contextlib.AsyncExitStack()
+
+    async def release(self) -> None:
+        await self.loans.aclose()
+        for buffer in self.buffers:
+            self._pool.release(buffer)
+        self.buffers.clear()
 
 
 @dataclass
@@ -289,23 +306,43 @@ class AsyncKVStore:
             else:
                 fresh.append(i)
         ct = self.chunk_tokens
-        encoded = await asyncio.gather(
-            *(self._encode(keys[i], kv[:, :, i * ct : (i + 1) * ct], first.codecs) for i in fresh)
-        )
-        written = await self._write(first, list(encoded))
-        for tier in self.tiers[1:]:
-            if self.tiers[tier.position - 1].config.write_policy != "write-through":
-                break
-            for chunk in encoded:
-                await self._enqueue(tier, chunk.retain())
-        for chunk in encoded:
-            chunk.release()
+        per_batch = max(1, self.config.io_batch_bytes // self.layout.nbytes(ct))
+        batches = [fresh[start : start + per_batch] for start in range(0, len(fresh), per_batch)]
+
+        def encode(batch: list[int]) -> asyncio.Future[list[_Encoded]]:
+            return asyncio.gather(
+                *(
+                    self._encode(keys[i], kv[:, :, i * ct : (i + 1) * ct], first.codecs)
+                    for i in batch
+                )
+            )
+
+        written = 0
+        pending = encode(batches[0]) if batches else None
+        for number in range(len(batches)):
+            assert pending is not None
+            encoded = list(await pending)
+            pending = encode(batches[number + 1]) if number + 1 < len(batches) else None
+            try:
+                written += await self._write(first, encoded)
+                await self._write_through(encoded)
+            finally:
+                for chunk in encoded:
+                    chunk.release()
         return StoreResult(
             chunks=len(keys),
             written=written,
             already_cached=len(keys) - len(fresh),
             failed=len(fresh) - written,
         )
+
+    async def _write_through(self, chunks: list[_Encoded]) -> None:
+        """Queue chunks for every lower tier reached through write-through tiers."""
+        for tier in self.tiers[1:]:
+            if self.tiers[tier.position - 1].config.write_policy != "write-through":
+                break
+            for chunk in chunks:
+                await self._enqueue(tier, chunk.retain())
 
     async def _encode(self, key: bytes, kv: torch.Tensor, codecs: tuple[Codec, ...]) -> _Encoded:
         if codecs:
@@ -451,16 +488,17 @@ class AsyncKVStore:
         sources: list[str] = []
         batches = self._batches(located)
         fetches: list[asyncio.Task[list[memoryview | None]]] = []
-        buffers: list[list[torch.Tensor]] = []
+        reads: list[_Reads] = []
         try:
             for batch_no, (position, indices) in enumerate(batches):
                 while len(fetches) < min(batch_no + 2, len(batches)):
                     tier_at, next_indices = batches[len(fetches)]
-                    bufs = [self._pool.acquire(self._chunk_size) for _ in next_indices]
-                    buffers.append(bufs)
+                    reads.append(_Reads(self._pool))
                     fetches.append(
                         asyncio.ensure_future(
-                            self._fetch(self.tiers[tier_at], [keys[i] for i in next_indices], bufs)
+                            self._fetch(
+                                self.tiers[tier_at], [keys[i] for i in next_indices], reads[-1]
+                            )
                         )
                     )
                 values = await fetches[batch_no]
@@ -486,6 +524,7 @@ class AsyncKVStore:
                         if source is None:
                             raise _PrefixEnds
                         sources.append(source)
+                await reads[batch_no].release()
         except _PrefixEnds:
             pass
         finally:
@@ -493,9 +532,8 @@ class AsyncKVStore:
                 if not task.done():
                     task.cancel()
             await asyncio.gather(*fetches, return_exceptions=True)
-            for bufs in buffers:
-                for buf in bufs:
-                    self._pool.release(buf)
+            for held in reads:
+                await held.release()
         loaded = len(sources) * ct
         return RetrieveResult(loaded, out[:, :, :loaded] if loaded else None, tuple(sources))
 
@@ -510,14 +548,32 @@ class AsyncKVStore:
                 batches.append((position, [i]))
         return batches
 
-    async def _fetch(
-        self, tier: Tier, keys: list[bytes], into: list[torch.Tensor]
-    ) -> list[memoryview | None]:
+    async def _fetch(self, tier: Tier, keys: list[bytes], reads: _Reads) -> list[memoryview | None]:
+        """Read ``keys`` from ``tier``: borrowed views where the driver lends them,
+        else ``get_many`` into pooled buffers; ``None`` for misses and failures."""
+        values: list[memoryview | None] = [None] * len(keys)
+        if tier.driver.capabilities.lends_views:
+            try:
+                values = list(await reads.loans.enter_async_context(tier.driver.borrow_many(keys)))
+            except Exception as exc:
+                tier.note_error("borrow_many", exc)
+        missing = [i for i, value in enumerate(values) if value is None]
+        if not missing:
+            return values
+        buffers = [self._pool.acquire(self._chunk_size) for _ in missing]
+        reads.buffers.extend(buffers)
         try:
-            views = [byte_view(buf) for buf in into]
-            return await tier.call("get_many", tier.driver.get_many(keys, into=views))
+            found = await tier.call(
+                "get_many",
+                tier.driver.get_many(
+                    [keys[i] for i in missing], into=[byte_view(b) for b in buffers]
+                ),
+            )
         except Exception:
-            return [None] * len(keys)
+            return values
+        for i, value in zip(missing, found):
+            values[i] = value
+        return values
 
     async def _decode_into(
         self, tier: Tier, key: bytes, value: memoryview | None, out: torch.Tensor
@@ -558,9 +614,9 @@ class AsyncKVStore:
                 tier.shared and (await self._contains(tier, [key]))[0]
             ):
                 continue
-            buffer = self._pool.acquire(self._chunk_size)
+            reads = _Reads(self._pool)
             try:
-                (value,) = await self._fetch(tier, [key], [buffer])
+                (value,) = await self._fetch(tier, [key], reads)
                 if value is not None and await self._decode_into(tier, key, value, out):
                     tier.stats.hits += 1
                     tier.stats.bytes_read += len(value)
@@ -568,7 +624,7 @@ class AsyncKVStore:
                         await self._promote(key, value, tier.codecs)
                     return tier.name
             finally:
-                self._pool.release(buffer)
+                await reads.release()
         return None
 
     async def _promote(self, key: bytes, value: memoryview, codecs: tuple[Codec, ...]) -> None:

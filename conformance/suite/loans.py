@@ -1,0 +1,60 @@
+"""Loans: ``borrow_many`` lends views that match the values and stay intact."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import pytest
+
+from ..harness import DriverHarness, assert_value
+from .base import DriverTestBase
+
+MiB = 1 << 20
+
+
+class LoanTests(DriverTestBase):
+    """Every driver: ``borrow_many`` answers with views or ``None``, never wrong
+    bytes. Drivers with ``lends_views=True``: values are lent, read-only, and
+    stay intact for the whole loan while the keys are overwritten or deleted."""
+
+    conformance_area: ClassVar[str] = "loans"
+
+    def test_loans_never_lie(self, harness: DriverHarness) -> None:
+        keys = harness.keys(3)
+        values = [harness.value(size) for size in (10, 4096, MiB + 5)]
+        harness.require_room(sum(len(v) for v in values))
+        harness.put(list(zip(keys, values)))
+        missing = harness.key("never-written")
+
+        async def borrow() -> list[memoryview | None]:
+            async with harness.driver.borrow_many([*keys, missing]) as views:
+                return [None if view is None else memoryview(bytes(view)) for view in views]
+
+        lent = harness.run(borrow())
+        assert lent[-1] is None, "an absent key must not be lent"
+        for got, value in zip(lent, values):
+            if got is not None:
+                assert_value(got, value, "a lent value")
+        if harness.capabilities.lends_views:
+            assert any(got is not None for got in lent), "lends_views=True but nothing was lent"
+
+    def test_lent_values_survive_overwrite_and_delete(self, harness: DriverHarness) -> None:
+        if not harness.capabilities.lends_views:
+            pytest.skip("capability lends_views=False: the driver lends no views")
+        keys = harness.keys(2)
+        values = [harness.value(64 * 1024), harness.value(2 * MiB)]
+        harness.require_room(3 * sum(len(v) for v in values))
+        harness.put(list(zip(keys, values)))
+
+        async def borrow_then_change() -> list[memoryview | None]:
+            async with harness.driver.borrow_many(keys) as views:
+                for view in views:
+                    assert view is None or view.readonly, "lent views must be read-only"
+                await harness.driver.put_many([(keys[0], harness.value(len(values[0])))])
+                await harness.driver.delete_many([keys[1]])
+                await harness.driver.put_many([(harness.key(), harness.value(len(values[1])))])
+                return [None if view is None else memoryview(bytes(view)) for view in views]
+
+        for got, value in zip(harness.run(borrow_then_change()), values):
+            if got is not None:
+                assert_value(got, value, "a lent value after its key changed")
