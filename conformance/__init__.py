@@ -23,6 +23,7 @@ if TYPE_CHECKING:
         DriverTests,
         ErrorTests,
         FaultTests,
+        KeySpecTests,
         LoanTests,
         PersistenceTests,
     )
@@ -35,6 +36,7 @@ _HOMES = {
     "DriverTests": "kvstore.conformance.suite",
     "ErrorTests": "kvstore.conformance.suite",
     "FaultTests": "kvstore.conformance.suite",
+    "KeySpecTests": "kvstore.conformance.suite",
     "LoanTests": "kvstore.conformance.suite",
     "PersistenceTests": "kvstore.conformance.suite",
     "DriverHarness": "kvstore.conformance.harness",
@@ -56,6 +58,7 @@ __all__ = [
     "FaultTests",
     "FaultyConfig",
     "FaultyDriver",
+    "KeySpecTests",
     "LoanTests",
     "PersistenceTests",
     "run_conformance",

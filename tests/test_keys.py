@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import subprocess
 import sys
@@ -14,31 +13,17 @@ import numpy as np
 import pytest
 import torch
 
+from kvstore.conformance.suite.keyspec import KeySpecTests, key_vectors
 from kvstore.errors import InvalidArgumentError
 from kvstore.keys import Namespace, chunk_keys
 from kvstore.layout import KVLayout
 
 ROOT = Path(__file__).resolve().parent.parent
-VECTORS: list[dict[str, Any]] = json.loads((ROOT / "conformance" / "key_vectors.json").read_text())
+VECTORS = key_vectors()
 
 
-def namespace_of(vector: dict[str, Any]) -> Namespace:
-    fields = dict(vector["namespace"])
-    return Namespace(layout=KVLayout(**fields.pop("layout")), **fields)
-
-
-def tokens_of(vector: dict[str, Any]) -> list[int]:
-    tokens = vector["tokens"]
-    return list(range(*tokens["range"])) if isinstance(tokens, dict) else list(tokens)
-
-
-@pytest.mark.parametrize("vector", VECTORS, ids=[v["name"] for v in VECTORS])
-def test_vectors(vector: dict[str, Any]) -> None:
-    namespace = namespace_of(vector)
-    assert namespace.canonical_bytes().decode() == vector["namespace_canonical"]
-    assert namespace.digest().hex() == vector["namespace_digest"]
-    keys = chunk_keys(namespace.digest(), tokens_of(vector), namespace.chunk_tokens)
-    assert [key.hex() for key in keys] == vector["chunk_keys"]
+class TestKeySpec(KeySpecTests):
+    """The suite's key-spec area, run here on its own (it needs no driver)."""
 
 
 def test_doc_lists_every_vector() -> None:

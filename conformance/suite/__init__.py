@@ -11,6 +11,7 @@ from .concurrency import ConcurrencyTests
 from .core import CoreTests
 from .errors import ErrorTests
 from .faults import FaultTests
+from .keyspec import KeySpecTests
 from .loans import LoanTests
 from .persistence import PersistenceTests
 
@@ -24,6 +25,7 @@ class DriverTests(
     ConcurrencyTests,
     BatchTests,
     CoreTests,
+    KeySpecTests,
 ):
     """The whole conformance suite. Subclass it as ``TestMyDriver`` and define a
     ``driver_config`` fixture returning your driver's URL or config.
@@ -42,6 +44,7 @@ __all__ = [
     "DriverTests",
     "ErrorTests",
     "FaultTests",
+    "KeySpecTests",
     "LoanTests",
     "PersistenceTests",
 ]
