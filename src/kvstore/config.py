@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from kvstore.codecs import codec_stack
+from kvstore.config_url import validation_problems
 from kvstore.errors import ConfigError
 from kvstore.eviction import POLICIES
 from kvstore.sizes import ByteSize
@@ -94,11 +95,9 @@ class StoreConfig(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}"
-                for err in exc.errors()
-            )
-            raise ConfigError(f"invalid store config in {source}: {problems}") from None
+            raise ConfigError(
+                f"invalid store config in {source}: {validation_problems(exc)}"
+            ) from None
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> StoreConfig:

@@ -71,11 +71,9 @@ class DriverConfig(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}"
-                for err in exc.errors()
-            )
-            raise ConfigError(f"invalid {cls.scheme} config in {source!r}: {problems}") from None
+            raise ConfigError(
+                f"invalid {cls.scheme} config in {source!r}: {validation_problems(exc)}"
+            ) from None
 
     def to_url(self) -> str:
         """The URL that ``from_url`` turns back into this config."""
@@ -94,6 +92,14 @@ class DriverConfig(BaseModel):
         }
         url = f"{self.scheme}://{location}"
         return f"{url}?{urlencode(query)}" if query else url
+
+
+def validation_problems(exc: ValidationError) -> str:
+    """One line naming each invalid field and what is wrong with it."""
+    return "; ".join(
+        f"{'.'.join(str(part) for part in err['loc']) or 'config'}: {err['msg']}"
+        for err in exc.errors()
+    )
 
 
 def _render(value: object) -> str:
