@@ -270,7 +270,7 @@ async def faulty_store(tmp_path: Path, plan: FaultPlan, **tier_options: Any) -> 
         FaultPlan(action="error", operations=frozenset({"get_many"}), error=IntegrityError),
         FaultPlan(action="corrupt", flip_bits=3),
         FaultPlan(action="truncate"),
-        FaultPlan(action="hang", operations=frozenset({"get_many"}), hang_seconds=30),
+        FaultPlan(action="hang", operations=frozenset({"get_many"}), hang_seconds=600),
     ],
     ids=["transient", "raises-integrity", "corrupt", "truncate", "hang"],
 )
@@ -282,7 +282,7 @@ async def test_faulty_tier_is_a_miss_served_from_below(tmp_path: Path, plan: Fau
         await store.flush()
         started = time.monotonic()
         loaded = await store.retrieve(ids)
-        assert time.monotonic() - started < 10  # a hanging tier is bounded by its timeout
+        assert time.monotonic() - started < 120  # bounded by the tier timeout, not the hang
         assert loaded.tokens == 3 * CHUNK
         assert loaded.kv is not None and torch.equal(loaded.kv, kv)
         assert set(loaded.chunk_tiers) == {store.tiers[1].name}
