@@ -326,9 +326,6 @@ class RedisDriver(Driver[RedisConfig]):
     def capabilities(self) -> Capabilities:
         return self._capabilities
 
-    def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.config.redacted_url()}>"
-
     # ------------------------------------------------------------------ protocol
 
     async def _put_many(self, items: builtins.list[tuple[bytes, memoryview]]) -> None:

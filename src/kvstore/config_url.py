@@ -93,6 +93,10 @@ class DriverConfig(BaseModel):
         url = f"{self.scheme}://{location}"
         return f"{url}?{urlencode(query)}" if query else url
 
+    def redacted_url(self) -> str:
+        """The URL for logs, reprs and stats: configs holding secrets mask them."""
+        return self.to_url()
+
 
 def validation_problems(exc: ValidationError) -> str:
     """One line naming each invalid field and what is wrong with it."""

@@ -263,7 +263,7 @@ class Driver(abc.ABC, Generic[ConfigT]):
         await self.close()
 
     def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.config.to_url()}>"
+        return f"<{type(self).__name__} {self.config.redacted_url()}>"
 
     def _check_open(self) -> None:
         if self._closed:

@@ -112,7 +112,7 @@ class Tier:
     def snapshot(self, pinned: set[bytes]) -> TierSnapshot:
         return TierSnapshot(
             name=self.name,
-            url=self.driver.config.to_url(),
+            url=self.driver.config.redacted_url(),
             entries=len(self.index),
             used_bytes=self.index.used_bytes,
             capacity_bytes=self.capacity,
