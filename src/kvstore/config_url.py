@@ -8,7 +8,7 @@ frozen pydantic models, so they compare by value and pickle across processes.
 from __future__ import annotations
 
 from typing import Any, ClassVar
-from urllib.parse import parse_qsl, quote, urlencode, urlsplit
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 from typing_extensions import Self
@@ -55,7 +55,7 @@ class DriverConfig(BaseModel):
             if name in data:
                 raise ConfigError(f"option {name!r} given twice in {url!r}")
             data[name] = value
-        location = url.split("://", 1)[1].split("?", 1)[0].split("#", 1)[0]
+        location = unquote(url.split("://", 1)[1].split("?", 1)[0].split("#", 1)[0])
         if cls.location_field is not None:
             if cls.location_field in data:
                 raise ConfigError(f"{cls.location_field!r} is part of the URL's location")
