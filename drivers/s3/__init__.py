@@ -8,6 +8,6 @@ def kvstore_driver() -> DriverInfo:
     return DriverInfo(
         scheme="s3",
         target="kvstore.drivers.s3.driver:S3Driver",
-        summary="S3-compatible object stores through boto3",
+        summary="S3-compatible object stores through botocore",
         install_hint="kvstore[s3]",
     )
