@@ -139,6 +139,7 @@ def run_conformance(
     console = Console()
     registry = default_registry()
     config = registry.parse_url(url)
+    shown_url = config.redacted_url()
     registered = registry.get(config.scheme)
     driver_cls = registered.load()
     driver: dict[str, Any] = {
@@ -150,14 +151,14 @@ def run_conformance(
         capabilities = _open_and_close(registry, config)
     except Exception as exc:
         reason = f"could not open the driver: {type(exc).__name__}: {exc}"
-        report = ConformanceReport(url, driver, exit_code=2, error=reason)
+        report = ConformanceReport(shown_url, driver, exit_code=2, error=reason)
     else:
         driver["capabilities"] = asdict(capabilities)
         collector = OutcomeCollector()
         pytest_code = _run_pytest(url, pytest_args or [], verbose, collector)
         results = list(collector.results.values())
         report = ConformanceReport(
-            url, driver, exit_code=_exit_code(pytest_code, results), results=results
+            shown_url, driver, exit_code=_exit_code(pytest_code, results), results=results
         )
         if report.exit_code and not results:
             report.error = f"pytest exited with code {pytest_code} and ran no test"

@@ -97,7 +97,7 @@ def test_secrets_are_masked_for_people(url: str) -> None:
 
 async def test_driver_repr_masks_the_secret(driver: S3Driver) -> None:
     assert SECRET_ACCESS_KEY not in repr(driver)
-    assert "secret_access_key=%2A%2A%2A" in repr(driver)
+    assert "secret_access_key=***" in repr(driver)
 
 
 @pytest.mark.parametrize(

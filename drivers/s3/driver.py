@@ -90,7 +90,6 @@ _TRANSIENT_CODES = frozenset(
 _ACCESS_CODES = frozenset(
     {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken"}
 )
-_SECRET_FIELDS = ("secret_access_key", "session_token")
 _LOADER_LOCK = threading.Lock()
 _shared_loader: Any = None
 
@@ -119,6 +118,7 @@ class S3Config(DriverConfig):
 
     scheme: ClassVar[str] = "s3"
     location_field: ClassVar[str | None] = "location"
+    secret_fields: ClassVar[frozenset[str]] = frozenset({"secret_access_key", "session_token"})
 
     location: str
     endpoint_url: str | None = None
@@ -179,11 +179,6 @@ class S3Config(DriverConfig):
     def prefix(self) -> str:
         """The key prefix objects go under, without slashes at either end ("" for none)."""
         return self.location.partition("/")[2]
-
-    def redacted_url(self) -> str:
-        """``to_url()`` with the secret key and session token masked, for people and logs."""
-        masked = {name: "***" for name in _SECRET_FIELDS if getattr(self, name) is not None}
-        return self.model_copy(update=masked).to_url() if masked else self.to_url()
 
 
 class _Body:
@@ -276,9 +271,6 @@ class S3Driver(Driver[S3Config]):
     @property
     def capabilities(self) -> Capabilities:
         return self._capabilities
-
-    def __repr__(self) -> str:
-        return f"<{type(self).__name__} {self.config.redacted_url()}>"
 
     # ------------------------------------------------------------ operations
 

@@ -72,6 +72,9 @@ class StoreConfig(BaseModel):
         promoted to the first) before ``on_queue_full`` applies.
     on_queue_full: ``block`` makes ``store`` wait (back-pressure); ``drop``
         skips the background write and counts it.
+    io_batch_bytes: bytes of chunks per driver call on the hot path.
+    read_ahead: batches ``retrieve`` keeps in flight while it decodes (more
+        hides the latency of remote tiers, at ``io_batch_bytes`` of buffers each).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -82,6 +85,7 @@ class StoreConfig(BaseModel):
     queue_bytes: ByteSize = 1 << 30
     on_queue_full: Literal["block", "drop"] = "block"
     io_batch_bytes: ByteSize = 64 << 20
+    read_ahead: int = Field(default=4, ge=1, le=64)
 
     @field_validator("tiers", mode="before")
     @classmethod

@@ -36,24 +36,27 @@ class DriverConfig(BaseModel):
 
     scheme: ClassVar[str]
     location_field: ClassVar[str | None] = None
+    secret_fields: ClassVar[frozenset[str]] = frozenset()
+    """Query parameters that hold secrets: masked by ``redacted_url`` and in errors."""
 
     @classmethod
     def from_url(cls, url: str) -> Self:
         """Parse ``url``; a ConfigError says what is wrong with it."""
         scheme = url_scheme(url)
+        shown = redact_url(url, cls.secret_fields)
         if scheme != cls.scheme and not scheme.startswith(cls.scheme + "+"):
-            raise ConfigError(f"{cls.__name__} takes {cls.scheme}:// URLs, not {url!r}")
+            raise ConfigError(f"{cls.__name__} takes {cls.scheme}:// URLs, not {shown!r}")
         parts = urlsplit(url)
         if parts.fragment:
-            raise ConfigError(f"driver URLs take no #fragment: {url!r}")
+            raise ConfigError(f"driver URLs take no #fragment: {shown!r}")
         try:
             pairs = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
-        except ValueError as exc:
-            raise ConfigError(f"malformed query string in {url!r}: {exc}") from None
+        except ValueError:
+            raise ConfigError(f"malformed query string in {shown!r}") from None
         data: dict[str, Any] = {}
         for name, value in pairs:
             if name in data:
-                raise ConfigError(f"option {name!r} given twice in {url!r}")
+                raise ConfigError(f"option {name!r} given twice in {shown!r}")
             data[name] = value
         location = unquote(url.split("://", 1)[1].split("?", 1)[0].split("#", 1)[0])
         if cls.location_field is not None:
@@ -63,7 +66,7 @@ class DriverConfig(BaseModel):
                 data[cls.location_field] = location
         elif location:
             raise ConfigError(f"{cls.scheme}:// URLs take no location, got {location!r}")
-        return cls.from_mapping(data, source=url)
+        return cls.from_mapping(data, source=shown)
 
     @classmethod
     def from_mapping(cls, data: dict[str, Any], *, source: str = "config") -> Self:
@@ -94,8 +97,27 @@ class DriverConfig(BaseModel):
         return f"{url}?{urlencode(query)}" if query else url
 
     def redacted_url(self) -> str:
-        """The URL for logs, reprs and stats: configs holding secrets mask them."""
-        return self.to_url()
+        """The URL for logs, reprs and stats, with ``secret_fields`` and any
+        password in the location masked."""
+        return redact_url(self.to_url(), self.secret_fields)
+
+
+def redact_url(url: str, secret_fields: frozenset[str]) -> str:
+    """``url`` with the password of its location and the given query parameters
+    replaced by ``***``, so it can be shown to people and written to logs."""
+    head, sep, rest = url.partition("://")
+    location, qmark, query = rest.partition("?")
+    authority, slash, path = location.partition("/")
+    userinfo, at, hostport = authority.rpartition("@")
+    if at and ":" in userinfo:
+        authority = f"{userinfo.split(':', 1)[0]}:***@{hostport}"
+    if query and secret_fields:
+        pairs = [pair.partition("=") for pair in query.split("&")]
+        query = "&".join(
+            f"{name}{eq}{'***' if name in secret_fields and value else value}"
+            for name, eq, value in pairs
+        )
+    return f"{head}{sep}{authority}{slash}{path}{qmark}{query}"
 
 
 def validation_problems(exc: ValidationError) -> str:

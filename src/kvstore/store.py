@@ -181,7 +181,9 @@ class AsyncKVStore:
             )
         )
         self._pinned: set[bytes] = set()
-        self._pool = BufferPool(max_bytes=config.queue_bytes + 2 * config.io_batch_bytes)
+        self._pool = BufferPool(
+            max_bytes=config.queue_bytes + (config.read_ahead + 1) * config.io_batch_bytes
+        )
         self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kvstore-codec")
         self._budget = _QueueBudget(config.queue_bytes)
         self._queues: list[asyncio.Queue[_Job]] = [asyncio.Queue() for _ in tiers]
@@ -491,7 +493,7 @@ class AsyncKVStore:
         reads: list[_Reads] = []
         try:
             for batch_no, (position, indices) in enumerate(batches):
-                while len(fetches) < min(batch_no + 2, len(batches)):
+                while len(fetches) < min(batch_no + 1 + self.config.read_ahead, len(batches)):
                     tier_at, next_indices = batches[len(fetches)]
                     reads.append(_Reads(self._pool))
                     fetches.append(
