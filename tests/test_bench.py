@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from redis_server import RedisServer, redis_available
 
 from kvstore.bench import LAYOUTS
 from kvstore.cli import main
@@ -74,3 +75,26 @@ def test_benchmarks_script_runs_the_same_bench(tmp_path: Path) -> None:
 @pytest.mark.parametrize("option", [["--chunks", "0"], ["--repeat", "0"]])
 def test_bench_rejects_empty_runs(tmp_path: Path, option: list[str]) -> None:
     assert main(["bench", "--quick", "--tiers", "cpu", "--dir", str(tmp_path), *option]) == 2
+
+
+@pytest.mark.skipif(not redis_available(), reason="redis-server is not installed")
+def test_bench_measures_a_remote_tier_against_its_raw_client(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    try:
+        report_path = tmp_path / "bench.json"
+        url = server.url("prefix=bench")
+        code = main(["bench", *TINY, "--url", url, "--verify", "on", "--json", str(report_path)])
+        assert code == 0
+        report = json.loads(report_path.read_text())
+        assert report["errors"] == []
+        assert {(r["tier"], r["op"]) for r in report["results"]} == {
+            ("redis", "store"),
+            ("redis", "retrieve"),
+        }
+        for row in report["results"]:
+            assert row["baseline"].startswith("redis-py")
+            assert row["ratio"] > 0
+        assert not any(server.client().scan_iter(match="bench*"))
+    finally:
+        server.stop()

@@ -8,7 +8,11 @@ same bytes with no store in between:
 - cpu: ``dst.copy_(src)`` per chunk between pre-touched host tensors;
 - nvme: O_DIRECT ``pwrite``/``pread`` of one file per chunk, from and into
   pre-touched page-aligned ``mmap`` buffers, on as many threads as the
-  driver's ``io_threads``, in the same directory as the store's files.
+  driver's ``io_threads``, in the same directory as the store's files;
+- a remote tier given with ``--url``: the raw client its driver ships as
+  ``<driver package>.baseline.RawClientBaseline`` (redis-py pipelined
+  SET/GET, botocore put/get, fsspec pipe/cat, Mooncake put_from/get_into),
+  talking to the same server with the same settings.
 
 Throughput is KV payload bytes (``layout.nbytes(chunk_tokens) * N``) over
 wall time, in GB/s (10**9 bytes); the ratio is kvstore over baseline. Each
@@ -21,6 +25,7 @@ The targets are printed next to each ratio, never enforced.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import mmap
 import os
@@ -44,9 +49,11 @@ from rich.table import Table
 
 from kvstore.chunk import raw_chunk_size
 from kvstore.config import StoreConfig, TierConfig
-from kvstore.errors import ConfigError, KVStoreError
+from kvstore.config_url import url_scheme
+from kvstore.errors import ConfigError, KVStoreError, NotSupportedError
 from kvstore.keys import Namespace
 from kvstore.layout import KVLayout
+from kvstore.registry import default_registry, parse_url
 from kvstore.sizes import format_size
 from kvstore.store import KVStore
 
@@ -58,7 +65,9 @@ LAYOUTS: dict[str, KVLayout] = {
 
 TIERS = ("cpu", "nvme")
 TARGETS: dict[str, float] = {"cpu": 0.85, "nvme": 0.90}
-"""The ratio each tier aims for against its raw baseline (reported, not enforced)."""
+REMOTE_TARGET = 0.85
+"""The ratio each tier aims for against its raw baseline (reported, not enforced);
+remote tiers (``--url``) aim for ``REMOTE_TARGET`` of their raw client."""
 
 CHUNK_TOKENS = 256
 FULL_BYTES = 512 << 20
@@ -108,7 +117,7 @@ class Row:
 
     @property
     def target(self) -> float:
-        return TARGETS[self.tier]
+        return TARGETS.get(self.tier, REMOTE_TARGET)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -138,6 +147,7 @@ class Settings:
 
     layouts: tuple[str, ...]
     tiers: tuple[str, ...]
+    urls: tuple[str, ...]
     chunks: int | None
     repeat: int
     warmup: int
@@ -148,10 +158,12 @@ class Settings:
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Settings:
-        tiers = tuple(t.strip() for t in args.tiers.split(",") if t.strip())
+        urls = tuple(args.url or ())
+        listed = args.tiers if args.tiers is not None else ("" if urls else ",".join(TIERS))
+        tiers = tuple(t.strip() for t in listed.split(",") if t.strip())
         unknown = [t for t in tiers if t not in TIERS]
-        if unknown or not tiers:
-            raise ConfigError(f"--tiers takes a list from {', '.join(TIERS)}, got {args.tiers!r}")
+        if unknown or not (tiers or urls):
+            raise ConfigError(f"--tiers takes a list from {', '.join(TIERS)}, got {listed!r}")
         if args.chunks is not None and args.chunks < 1:
             raise ConfigError("--chunks must be at least 1")
         repeat = (
@@ -164,6 +176,7 @@ class Settings:
         return cls(
             layouts=tuple(LAYOUTS) if args.layout == "all" else (args.layout,),
             tiers=tiers,
+            urls=urls,
             chunks=args.chunks,
             repeat=repeat,
             warmup=args.warmup,
@@ -395,26 +408,54 @@ def _direct_io_baseline(store: KVStore, directory: Path, workload: Workload) -> 
     )
 
 
+def raw_client_baseline(url: str, workload: Workload) -> Baseline:
+    """The raw client a remote driver ships as ``<driver package>.baseline.RawClientBaseline``,
+    moving the workload's chunk bytes under fresh random keys."""
+    registered = default_registry().get(url_scheme(url))
+    package = registered.info.target.partition(":")[0].rpartition(".")[0]
+    try:
+        module = importlib.import_module(f"{package}.baseline")
+    except ImportError:
+        raise NotSupportedError(
+            f"driver {registered.info.scheme!r} ships no raw-client baseline ({package}.baseline)",
+            driver=registered.info.scheme,
+        ) from None
+    values = [(os.urandom(32), memoryview(row.numpy())) for row in workload.kv_bytes()]
+    baseline: Baseline = module.RawClientBaseline(url, values)
+    return baseline
+
+
 def measure(
     tier: str, workload: Workload, verify: bool, settings: Settings, scratch: Path
 ) -> tuple[Row, Row]:
     """Store and retrieve rows of one tier, layout and verify setting."""
-    store_dir = Path(tempfile.mkdtemp(prefix=f"{tier}-store-", dir=scratch))
-    baseline_dir = Path(tempfile.mkdtemp(prefix=f"{tier}-baseline-", dir=scratch))
+    remote = tier not in TIERS
+    label = url_scheme(tier) if remote else tier
+    store_dir = Path(tempfile.mkdtemp(prefix=f"{label}-store-", dir=scratch))
+    baseline_dir = Path(tempfile.mkdtemp(prefix=f"{label}-baseline-", dir=scratch))
+    url = tier if remote else _tier_url(tier, workload, store_dir)
     config = StoreConfig(
-        tiers=[TierConfig(url=_tier_url(tier, workload, store_dir), verify=verify)],
+        tiers=[
+            TierConfig(
+                url=url,
+                verify=verify,
+                capacity=2 * workload.chunks * workload.encoded_bytes if remote else None,
+            )
+        ],
         chunk_tokens=CHUNK_TOKENS,
     )
     store = KVStore.open(config, workload.namespace())
     baseline: Baseline | None = None
     try:
-        if tier == "cpu":
+        if remote:
+            baseline = raw_client_baseline(tier, workload)
+        elif tier == "cpu":
             baseline = CopyBaseline(workload)
         else:
             baseline = _direct_io_baseline(store, baseline_dir, workload)
         stored, retrieved = (
             Row(
-                tier=tier,
+                tier=label,
                 layout=workload.name,
                 op=op,
                 verify=verify,
@@ -540,6 +581,7 @@ def report(rows: Sequence[Row], settings: Settings, errors: Sequence[str]) -> di
         "settings": {
             "layouts": list(settings.layouts),
             "tiers": list(settings.tiers),
+            "urls": [parse_url(url).redacted_url() for url in settings.urls],
             "chunk_tokens": CHUNK_TOKENS,
             "repeat": settings.repeat,
             "warmup": settings.warmup,
@@ -560,7 +602,16 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         help="KV layout to measure (default: all)",
     )
     parser.add_argument(
-        "--tiers", default=",".join(TIERS), help="comma-separated tiers (default: cpu,nvme)"
+        "--tiers",
+        help="comma-separated local tiers (default: cpu,nvme, or none when --url is given)",
+    )
+    parser.add_argument(
+        "--url",
+        action="append",
+        metavar="URL",
+        help="also measure the tier at this driver URL against the raw client its driver "
+        "ships (e.g. redis://127.0.0.1:6379/0?prefix=bench); repeatable. The bench "
+        "clears the tier after each repeat: point it at a prefix of its own",
     )
     parser.add_argument(
         "--chunks",
@@ -600,9 +651,10 @@ def run_bench(args: argparse.Namespace) -> int:
         for name in settings.layouts:
             layout = LAYOUTS[name]
             workload = Workload(name, layout, settings.chunk_count(layout))
-            for tier in settings.tiers:
+            for tier in (*settings.tiers, *settings.urls):
                 for verify in settings.verify:
-                    label = f"{tier} {name} verify={'on' if verify else 'off'}"
+                    shown = url_scheme(tier) if tier in settings.urls else tier
+                    label = f"{shown} {name} verify={'on' if verify else 'off'}"
                     with console.status(f"measuring {label}"):
                         try:
                             rows.extend(measure(tier, workload, verify, settings, scratch))
@@ -610,7 +662,8 @@ def run_bench(args: argparse.Namespace) -> int:
                             errors.append(f"{label}: {type(exc).__name__}: {exc}")
                             console.print(f"[red]error[/red] {errors[-1]}")
             del workload
-    rows.sort(key=lambda row: (TIERS.index(row.tier), settings.layouts.index(row.layout)))
+    order = [*TIERS, *(url_scheme(url) for url in settings.urls)]
+    rows.sort(key=lambda row: (order.index(row.tier), settings.layouts.index(row.layout)))
     if rows:
         console.print(results_table(rows, settings))
     if settings.json_path is not None:
