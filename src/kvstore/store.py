@@ -32,6 +32,7 @@ from kvstore.config import StoreConfig
 from kvstore.driver import Driver
 from kvstore.errors import (
     ConfigError,
+    DriverUnavailableError,
     IntegrityError,
     InvalidArgumentError,
     KVStoreError,
@@ -557,6 +558,9 @@ class AsyncKVStore:
         if tier.driver.capabilities.lends_views:
             try:
                 values = list(await reads.loans.enter_async_context(tier.driver.borrow_many(keys)))
+            except DriverUnavailableError as exc:
+                tier.note_error("borrow_many", exc)
+                return values
             except Exception as exc:
                 tier.note_error("borrow_many", exc)
         missing = [i for i, value in enumerate(values) if value is None]
