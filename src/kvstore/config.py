@@ -114,5 +114,6 @@ class StoreConfig(BaseModel):
         return cls.parse(data, source=str(path))
 
     @classmethod
-    def from_urls(cls, *urls: str, **options: Any) -> StoreConfig:
-        return cls.parse({"tiers": list(urls), **options}, source="URLs")
+    def from_urls(cls, *tiers: str | dict[str, Any], **options: Any) -> StoreConfig:
+        """A config from tier URLs (or tier mappings, for per-tier options), fastest first."""
+        return cls.parse({"tiers": list(tiers), **options}, source="URLs")
