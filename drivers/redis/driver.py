@@ -114,6 +114,11 @@ class RedisConfig(DriverConfig):
     ssl_cert_reqs: Literal["required", "optional", "none"] = "required"
     ssl_check_hostname: bool = True
 
+    @classmethod
+    def decode_location(cls, location: str) -> str:
+        """Kept percent-encoded: the user and password are decoded one by one."""
+        return location
+
     @model_validator(mode="before")
     @classmethod
     def _split_address(cls, data: Any) -> Any:

@@ -58,7 +58,7 @@ class DriverConfig(BaseModel):
             if name in data:
                 raise ConfigError(f"option {name!r} given twice in {shown!r}")
             data[name] = value
-        location = unquote(url.split("://", 1)[1].split("?", 1)[0].split("#", 1)[0])
+        location = cls.decode_location(url.split("://", 1)[1].split("?", 1)[0].split("#", 1)[0])
         if cls.location_field is not None:
             if cls.location_field in data:
                 raise ConfigError(f"{cls.location_field!r} is part of the URL's location")
@@ -67,6 +67,13 @@ class DriverConfig(BaseModel):
         elif location:
             raise ConfigError(f"{cls.scheme}:// URLs take no location, got {location!r}")
         return cls.from_mapping(data, source=shown)
+
+    @classmethod
+    def decode_location(cls, location: str) -> str:
+        """The location field's value from the URL's (percent-encoded) location;
+        configs that parse a structured location themselves (``user:pass@host``)
+        take it raw and decode its parts."""
+        return unquote(location)
 
     @classmethod
     def from_mapping(cls, data: dict[str, Any], *, source: str = "config") -> Self:
