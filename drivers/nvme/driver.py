@@ -16,7 +16,7 @@ import errno
 import fcntl
 import logging
 import os
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from functools import partial
@@ -28,6 +28,7 @@ from typing_extensions import Self
 from kvstore.config_url import DriverConfig
 from kvstore.driver import Capabilities, Driver, KeyEntry, Usage
 from kvstore.errors import CapacityError, DriverUnavailableError, KVStoreError
+from kvstore.inflight import InflightCalls
 from kvstore.sizes import ByteSize, format_size
 
 from .directio import (
@@ -124,7 +125,7 @@ class NvmeDriver(Driver[NvmeConfig]):
         self._index = index
         self._direct = io_mode == "O_DIRECT"
         self._scratch = Scratch(config.io_block)
-        self._inflight: set[asyncio.Future[Any]] = set()
+        self._inflight = InflightCalls()
         self._capabilities = Capabilities(
             persistent=True,
             listable=True,
@@ -166,19 +167,19 @@ class NvmeDriver(Driver[NvmeConfig]):
                 f"{self._index.used} of {capacity} bytes are used",
                 driver=self.name,
             )
-        await self._complete(self._put_batch(values))
+        await self._inflight.complete(self._put_batch(values))
 
     async def _get_many(
         self, keys: list[bytes], into: list[memoryview | None] | None
     ) -> list[memoryview | None]:
         targets: list[memoryview | None] = [None] * len(keys) if into is None else into
-        return await self._complete(self._get_batch(keys, targets))
+        return await self._inflight.complete(self._get_batch(keys, targets))
 
     async def _contains_many(self, keys: list[bytes]) -> list[bool]:
         return [key in self._index for key in keys]
 
     async def _delete_many(self, keys: list[bytes]) -> list[bool]:
-        return await self._complete(self._delete_batch(keys))
+        return await self._inflight.complete(self._delete_batch(keys))
 
     async def _list(self) -> AsyncIterator[KeyEntry]:
         for entry in self._index.entries():
@@ -188,32 +189,13 @@ class NvmeDriver(Driver[NvmeConfig]):
         return Usage(len(self._index), self._index.used, self.config.capacity)
 
     async def _close(self) -> None:
-        if self._inflight:
-            await asyncio.wait(set(self._inflight))
+        await self._inflight.drain()
         await asyncio.to_thread(self._shut_down)
 
     def _shut_down(self) -> None:
         self._pool.shutdown(wait=True)
         fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
         os.close(self._lock_fd)
-
-    async def _complete(self, work: Coroutine[Any, Any, T]) -> T:
-        """Run ``work`` to its end even if the caller is cancelled, so no thread still
-        touches the caller's buffers, and no temp file or reservation is left behind,
-        once this returns; ``close`` waits for it too."""
-        task = asyncio.ensure_future(work)
-        self._inflight.add(task)
-        task.add_done_callback(self._settle)
-        try:
-            return await asyncio.shield(task)
-        except asyncio.CancelledError:
-            await asyncio.wait([task])
-            raise
-
-    def _settle(self, task: asyncio.Future[Any]) -> None:
-        self._inflight.discard(task)
-        if not task.cancelled():
-            task.exception()
 
     async def _io(self, function: Callable[..., T], *args: Any) -> T:
         """Run blocking disk work on the I/O pool; OSError becomes a typed error."""

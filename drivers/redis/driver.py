@@ -18,7 +18,7 @@ import builtins
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -31,8 +31,9 @@ from redis.cluster import RedisCluster
 from typing_extensions import Self
 
 from kvstore.config_url import DriverConfig
-from kvstore.driver import Capabilities, Driver, KeyEntry, Usage, fill_into
+from kvstore.driver import Capabilities, Driver, KeyEntry, Usage, fill_into, usage_by_listing
 from kvstore.errors import ConfigError, DriverClosedError, IntegrityError, KVStoreError
+from kvstore.inflight import InflightCalls
 from kvstore.sizes import ByteSize, format_size
 
 from .connection import Client, make_client, translate
@@ -288,7 +289,7 @@ class RedisDriver(Driver[RedisConfig]):
         self._names = KeyNames(config.prefix)
         self._server = config.server
         self._ttl_ms = 0 if config.ttl is None else config.ttl * 1000
-        self._inflight: set[asyncio.Future[Any]] = set()
+        self._inflight = InflightCalls()
         self._capabilities = Capabilities(
             persistent=config.persistent,
             listable=True,
@@ -334,13 +335,13 @@ class RedisDriver(Driver[RedisConfig]):
     # ------------------------------------------------------------------ protocol
 
     async def _put_many(self, items: builtins.list[tuple[bytes, memoryview]]) -> None:
-        await self._complete(self._write(dict(items)))
+        await self._inflight.complete(self._write(dict(items)))
 
     async def _get_many(
         self, keys: builtins.list[bytes], into: builtins.list[memoryview | None] | None
     ) -> builtins.list[memoryview | None]:
         targets: builtins.list[memoryview | None] = [None] * len(keys) if into is None else into
-        return await self._complete(self._read(keys, targets))
+        return await self._inflight.complete(self._read(keys, targets))
 
     async def _contains_many(self, keys: builtins.list[bytes]) -> builtins.list[bool]:
         commands = [("EXISTS", self._names.value(key), self._names.manifest(key)) for key in keys]
@@ -348,7 +349,9 @@ class RedisDriver(Driver[RedisConfig]):
         return [bool(reply) for reply in replies]
 
     async def _delete_many(self, keys: builtins.list[bytes]) -> builtins.list[bool]:
-        replies = await self._complete(self._pipelines([self._delete_command(k) for k in keys]))
+        replies = await self._inflight.complete(
+            self._pipelines([self._delete_command(k) for k in keys])
+        )
         return [bool(reply) for reply in replies]
 
     async def _list(self) -> AsyncIterator[KeyEntry]:
@@ -375,15 +378,10 @@ class RedisDriver(Driver[RedisConfig]):
                     yield KeyEntry(key, size)
 
     async def _usage(self) -> Usage:
-        entries = total = 0
-        async for entry in self._list():
-            entries += 1
-            total += entry.size
-        return Usage(entries, total, None)
+        return await usage_by_listing(self._list())
 
     async def _close(self) -> None:
-        if self._inflight:
-            await asyncio.wait(set(self._inflight))
+        await self._inflight.drain()
         await asyncio.to_thread(self._shut_down)
 
     def _shut_down(self) -> None:
@@ -391,24 +389,6 @@ class RedisDriver(Driver[RedisConfig]):
         self._client.close()
 
     # --------------------------------------------------------------- machinery
-
-    async def _complete(self, work: Coroutine[Any, Any, T]) -> T:
-        """Run ``work`` to its end even if the caller is cancelled, so no thread still
-        reads the caller's values or writes its buffers once this returns; ``close``
-        waits for it too."""
-        task = asyncio.ensure_future(work)
-        self._inflight.add(task)
-        task.add_done_callback(self._settle)
-        try:
-            return await asyncio.shield(task)
-        except asyncio.CancelledError:
-            await asyncio.wait([task])
-            raise
-
-    def _settle(self, task: asyncio.Future[Any]) -> None:
-        self._inflight.discard(task)
-        if not task.cancelled():
-            task.exception()
 
     async def _call(self, function: Callable[..., T], *args: Any) -> T:
         """Run blocking client work on the pool; redis-py errors become kvstore errors."""

@@ -19,7 +19,7 @@ import io
 import logging
 import re
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from enum import Enum
@@ -42,7 +42,7 @@ from pydantic import Field, field_validator, model_validator
 from typing_extensions import Self
 
 from kvstore.config_url import DriverConfig
-from kvstore.driver import Capabilities, Driver, KeyEntry, Usage
+from kvstore.driver import Capabilities, Driver, KeyEntry, Usage, usage_by_listing
 from kvstore.errors import (
     CapacityError,
     ConfigError,
@@ -52,6 +52,7 @@ from kvstore.errors import (
     NotFoundError,
     TransientError,
 )
+from kvstore.inflight import InflightCalls
 from kvstore.sizes import ByteSize, format_size
 
 from .naming import key_of, list_prefix, object_name
@@ -241,7 +242,7 @@ class S3Driver(Driver[S3Config]):
         self._pool = pool
         self._bucket = config.bucket
         self._prefix = config.prefix
-        self._inflight: set[asyncio.Future[Any]] = set()
+        self._inflight = InflightCalls()
         self._max_value = min(config.part_size * MAX_PARTS, MAX_OBJECT_BYTES)
         self._capabilities = Capabilities(
             persistent=True,
@@ -283,7 +284,7 @@ class S3Driver(Driver[S3Config]):
                     f"{self._max_value} bytes ({MAX_PARTS} parts of part_size)",
                     driver=self.name,
                 )
-        await self._complete(
+        await self._inflight.complete(
             _gather_all([self._put_one(key, value) for key, value in values.items()])
         )
 
@@ -291,17 +292,17 @@ class S3Driver(Driver[S3Config]):
         self, keys: list[bytes], into: list[memoryview | None] | None
     ) -> list[memoryview | None]:
         targets: list[memoryview | None] = [None] * len(keys) if into is None else into
-        return await self._complete(
+        return await self._inflight.complete(
             _gather_all([self._get_one(key, target) for key, target in zip(keys, targets)])
         )
 
     async def _contains_many(self, keys: list[bytes]) -> list[bool]:
-        return await self._complete(
+        return await self._inflight.complete(
             _gather_all([self._call("contains", self._exists, self._name(key)) for key in keys])
         )
 
     async def _delete_many(self, keys: list[bytes]) -> list[bool]:
-        return await self._complete(self._delete_batch(keys))
+        return await self._inflight.complete(self._delete_batch(keys))
 
     async def _list(self) -> AsyncIterator[KeyEntry]:
         token: str | None = None
@@ -315,15 +316,10 @@ class S3Driver(Driver[S3Config]):
                 return
 
     async def _usage(self) -> Usage:
-        entries = stored = 0
-        async for entry in self._list():
-            entries += 1
-            stored += entry.size
-        return Usage(entries, stored, None)
+        return await usage_by_listing(self._list())
 
     async def _close(self) -> None:
-        if self._inflight:
-            await asyncio.wait(set(self._inflight))
+        await self._inflight.drain()
         await asyncio.to_thread(self._shut_down)
 
     def _shut_down(self) -> None:
@@ -334,24 +330,6 @@ class S3Driver(Driver[S3Config]):
 
     def _name(self, key: bytes) -> str:
         return object_name(self._prefix, key)
-
-    async def _complete(self, work: Coroutine[Any, Any, T]) -> T:
-        """Run ``work`` to its end even if the caller is cancelled, so no request
-        still reads or fills the caller's buffers once this returns; ``close``
-        waits for it too."""
-        task = asyncio.ensure_future(work)
-        self._inflight.add(task)
-        task.add_done_callback(self._settle)
-        try:
-            return await asyncio.shield(task)
-        except asyncio.CancelledError:
-            await asyncio.wait([task])
-            raise
-
-    def _settle(self, task: asyncio.Future[Any]) -> None:
-        self._inflight.discard(task)
-        if not task.cancelled():
-            task.exception()
 
     async def _call(self, operation: str, function: Callable[..., T], *args: Any) -> T:
         """Run one blocking request on the pool; client failures become typed errors."""

@@ -299,6 +299,17 @@ class Driver(abc.ABC, Generic[ConfigT]):
     async def _close(self) -> None: ...
 
 
+async def usage_by_listing(
+    entries: AsyncIterator[KeyEntry], capacity_bytes: int | None = None
+) -> Usage:
+    """Usage counted from a full listing, for drivers with no cheaper source."""
+    count = total = 0
+    async for entry in entries:
+        count += 1
+        total += entry.size
+    return Usage(count, total, capacity_bytes)
+
+
 def _writable_view(buffer: Buffer, driver: str) -> memoryview:
     view = memoryview(buffer)
     if view.readonly or not view.contiguous:
