@@ -18,6 +18,7 @@ import sys
 import time
 from types import TracebackType
 from typing import Any
+from urllib.parse import urlencode
 
 import boto3
 from botocore.config import Config
@@ -128,6 +129,25 @@ class MotoS3Server:
         finally:
             client.close()
 
+    def fsspec_url(self, path: str, **options: object) -> str:
+        """An ``fsspec+s3://`` driver URL of ``path`` (``bucket/prefix``) on this server."""
+        query = {
+            "endpoint_url": self.endpoint_url,
+            "key": ACCESS_KEY_ID,
+            "secret": SECRET_ACCESS_KEY,
+        }
+        query.update((name, str(value)) for name, value in options.items())
+        return f"fsspec+s3://{path}?{urlencode(query)}"
+
+    def pause(self) -> None:
+        """Freeze the server (SIGSTOP): connections stay open and nothing answers."""
+        if self._process is not None:
+            self._process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self._process is not None:
+            self._process.send_signal(signal.SIGCONT)
+
     def kill(self) -> None:
         """SIGKILL the server, as a crash would, and reap it."""
         if self._process is not None:
@@ -139,6 +159,7 @@ class MotoS3Server:
     def stop(self) -> None:
         """Stop the server politely, or kill it if it does not stop in time."""
         if self._process is not None and self._process.poll() is None:
+            self._process.send_signal(signal.SIGCONT)
             self._process.terminate()
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self._process.wait(timeout=10)

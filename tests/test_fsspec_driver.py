@@ -16,7 +16,8 @@ from typing import Any
 import fsspec
 import pytest
 import torch
-from fsspec_server import MotoServer, free_port
+from s3_server import MotoS3Server as MotoServer
+from s3_server import free_port
 
 from kvstore.config import StoreConfig
 from kvstore.conformance import (
@@ -78,7 +79,7 @@ def moto_server() -> Iterator[MotoServer]:
 @pytest.fixture
 def s3_url(moto_server: MotoServer) -> str:
     """A driver URL with a prefix of its own, so tests never see each other's keys."""
-    return moto_server.url(f"{BUCKET}/{unique('t')}")
+    return moto_server.fsspec_url(f"{BUCKET}/{unique('t')}")
 
 
 @pytest.fixture
@@ -363,7 +364,7 @@ async def test_blocked_thread_read_is_bounded_by_the_timeout(tmp_path: Path) -> 
 
 
 async def test_frozen_server_times_out_then_recovers(killable_server: MotoServer) -> None:
-    url = killable_server.url(f"{BUCKET}/frozen", timeout_s=1, config_kwargs=FAIL_FAST)
+    url = killable_server.fsspec_url(f"{BUCKET}/frozen", timeout_s=1, config_kwargs=FAIL_FAST)
     driver = await opened(url)
     try:
         await driver.put_many([(b"k", b"before")])
@@ -383,7 +384,7 @@ async def test_frozen_server_times_out_then_recovers(killable_server: MotoServer
 
 
 async def test_open_against_a_dead_server_is_unavailable() -> None:
-    url = MotoServer(free_port()).url(f"{BUCKET}/nobody", config_kwargs=FAIL_FAST)
+    url = MotoServer(free_port()).fsspec_url(f"{BUCKET}/nobody", config_kwargs=FAIL_FAST)
     with pytest.raises(DriverUnavailableError):
         await open_driver(url)
 
@@ -394,7 +395,7 @@ async def test_open_against_a_dead_server_is_unavailable() -> None:
 async def test_killed_server_raises_typed_errors_and_the_driver_reconnects(
     killable_server: MotoServer,
 ) -> None:
-    url = killable_server.url(f"{BUCKET}/killed", timeout_s=5, config_kwargs=FAIL_FAST)
+    url = killable_server.fsspec_url(f"{BUCKET}/killed", timeout_s=5, config_kwargs=FAIL_FAST)
     driver = await opened(url)
     try:
         await driver.put_many([(b"k", b"before")])
@@ -427,7 +428,7 @@ def prompt(seed: int, tokens: int) -> tuple[list[int], torch.Tensor]:
 
 @pytest.fixture
 def killable_url(killable_server: MotoServer) -> str:
-    return killable_server.url(f"{BUCKET}/store", timeout_s=5, config_kwargs=FAIL_FAST)
+    return killable_server.fsspec_url(f"{BUCKET}/store", timeout_s=5, config_kwargs=FAIL_FAST)
 
 
 @pytest.mark.parametrize("s3_first", [False, True], ids=["cpu-above", "cpu-below"])
