@@ -18,7 +18,7 @@ import builtins
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -33,7 +33,7 @@ from typing_extensions import Self
 from kvstore.config_url import DriverConfig
 from kvstore.driver import Capabilities, Driver, KeyEntry, Usage, fill_into, usage_by_listing
 from kvstore.errors import ConfigError, DriverClosedError, IntegrityError, KVStoreError
-from kvstore.inflight import InflightCalls
+from kvstore.inflight import InflightCalls, gather_all
 from kvstore.sizes import ByteSize, format_size
 
 from .connection import Client, make_client, translate
@@ -425,7 +425,7 @@ class RedisDriver(Driver[RedisConfig]):
             commands[start : start + PIPELINE_KEYS]
             for start in range(0, len(commands), PIPELINE_KEYS)
         ]
-        replies = await _gather_all([self._call(self._execute, group) for group in groups])
+        replies = await gather_all([self._call(self._execute, group) for group in groups])
         return [reply for group in replies for reply in group]
 
     def _delete_command(self, key: bytes) -> tuple[Any, ...]:
@@ -507,7 +507,7 @@ class RedisDriver(Driver[RedisConfig]):
             ("SET", name, value[offset : offset + length], "PX", _STAGING_TTL_MS)
             for name, (offset, length) in zip(names, manifest.spans())
         ]
-        await _gather_all([self._call(self._execute, [command]) for command in commands])
+        await gather_all([self._call(self._execute, [command]) for command in commands])
 
     def _publish_command(self, key: bytes, manifest: Manifest) -> tuple[Any, ...]:
         parts = manifest.part_keys(self._names.part_prefix(key))
@@ -569,7 +569,7 @@ class RedisDriver(Driver[RedisConfig]):
             [indices[position] for position in group]
             for group in _spread(weights, self.config.max_connections)
         ]
-        found = await _gather_all(
+        found = await gather_all(
             [
                 self._call(self._fetch_heads, [keys[i] for i in group], [targets[i] for i in group])
                 for group in groups
@@ -628,7 +628,7 @@ class RedisDriver(Driver[RedisConfig]):
                 entry.manifest.spans(),
             )
         ]
-        arrived = await _gather_all(
+        arrived = await gather_all(
             [
                 self._call(self._fetch_part, name, entry.destination, span)
                 for entry, name, span in jobs
@@ -686,15 +686,3 @@ def _spread(weights: builtins.list[int], threads: int) -> builtins.list[builtins
 
 def _take(names: Iterator[bytes], count: int) -> builtins.list[bytes]:
     return list(islice(names, count))
-
-
-async def _gather_all(jobs: builtins.list[Awaitable[T]]) -> builtins.list[T]:
-    """Await every job, then raise the first error if any failed, so no job is left
-    running on a caller's buffers when this raises."""
-    outcomes = await asyncio.gather(*jobs, return_exceptions=True)
-    results: builtins.list[T] = []
-    for outcome in outcomes:
-        if isinstance(outcome, BaseException):
-            raise outcome
-        results.append(outcome)
-    return results

@@ -19,7 +19,7 @@ import io
 import logging
 import re
 import threading
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from enum import Enum
@@ -52,7 +52,7 @@ from kvstore.errors import (
     NotFoundError,
     TransientError,
 )
-from kvstore.inflight import InflightCalls
+from kvstore.inflight import InflightCalls, gather_all
 from kvstore.sizes import ByteSize, format_size
 
 from .naming import key_of, list_prefix, object_name
@@ -285,7 +285,7 @@ class S3Driver(Driver[S3Config]):
                     driver=self.name,
                 )
         await self._inflight.complete(
-            _gather_all([self._put_one(key, value) for key, value in values.items()])
+            gather_all([self._put_one(key, value) for key, value in values.items()])
         )
 
     async def _get_many(
@@ -293,12 +293,12 @@ class S3Driver(Driver[S3Config]):
     ) -> list[memoryview | None]:
         targets: list[memoryview | None] = [None] * len(keys) if into is None else into
         return await self._inflight.complete(
-            _gather_all([self._get_one(key, target) for key, target in zip(keys, targets)])
+            gather_all([self._get_one(key, target) for key, target in zip(keys, targets)])
         )
 
     async def _contains_many(self, keys: list[bytes]) -> list[bool]:
         return await self._inflight.complete(
-            _gather_all([self._call("contains", self._exists, self._name(key)) for key in keys])
+            gather_all([self._call("contains", self._exists, self._name(key)) for key in keys])
         )
 
     async def _delete_many(self, keys: list[bytes]) -> list[bool]:
@@ -359,7 +359,7 @@ class S3Driver(Driver[S3Config]):
         step = self.config.part_size
         parts = [value[start : start + step] for start in range(0, len(value), step)]
         try:
-            etags = await _gather_all(
+            etags = await gather_all(
                 [
                     self._call("put", self._upload_part, name, upload_id, number, part)
                     for number, part in enumerate(parts, start=1)
@@ -410,7 +410,7 @@ class S3Driver(Driver[S3Config]):
                 return None
             buffer, read, total, etag = first
             step = self.config.part_size
-            outcomes = await _gather_all(
+            outcomes = await gather_all(
                 [
                     self._call(
                         "get", self._get_range, name, etag, start, min(start + step, total), buffer
@@ -523,9 +523,9 @@ class S3Driver(Driver[S3Config]):
     async def _delete_batch(self, keys: list[bytes]) -> list[bool]:
         """Delete the keys that exist; ``True`` for the first mention of each of them."""
         names = list(dict.fromkeys(self._name(key) for key in keys))
-        present = await _gather_all([self._call("delete", self._exists, name) for name in names])
+        present = await gather_all([self._call("delete", self._exists, name) for name in names])
         doomed = [name for name, found in zip(names, present) if found]
-        await _gather_all(
+        await gather_all(
             [
                 self._call("delete", self._delete_objects, doomed[start : start + _DELETE_BATCH])
                 for start in range(0, len(doomed), _DELETE_BATCH)
@@ -564,17 +564,6 @@ class S3Driver(Driver[S3Config]):
         objects = [(item["Key"], int(item["Size"])) for item in response.get("Contents", [])]
         following = response.get("NextContinuationToken") if response.get("IsTruncated") else None
         return objects, following
-
-
-async def _gather_all(awaitables: list[Awaitable[T]]) -> list[T]:
-    """Await every awaitable to its end, then raise the first failure, if any, so no
-    request is still running when the caller hears of an error."""
-    results: list[T] = []
-    for outcome in await asyncio.gather(*awaitables, return_exceptions=True):
-        if isinstance(outcome, BaseException):
-            raise outcome
-        results.append(outcome)
-    return results
 
 
 def open_client(config: S3Config) -> Any:

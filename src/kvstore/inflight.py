@@ -9,7 +9,7 @@ cancellation, and lets ``close`` wait for every call still running.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Coroutine, Iterable
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -42,3 +42,14 @@ class InflightCalls:
         self._tasks.discard(task)
         if not task.cancelled():
             task.exception()
+
+
+async def gather_all(work: Iterable[Awaitable[T]]) -> list[T]:
+    """Await every item to its end, then raise the first failure, if any, so no part
+    of a batch still runs on the caller's buffers when the caller hears of an error."""
+    results: list[T] = []
+    for outcome in await asyncio.gather(*work, return_exceptions=True):
+        if isinstance(outcome, BaseException):
+            raise outcome
+        results.append(outcome)
+    return results
