@@ -22,8 +22,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 from kvstore.registry import default_registry
 
-from .connection import Client, make_client
-from .driver import RedisConfig
+from .connection import Client
+from .driver import RedisConfig, client_for
 
 _PAGE = 4096
 
@@ -35,18 +35,7 @@ class RawClientBaseline:
         config = default_registry().parse_url(url)
         if not isinstance(config, RedisConfig):
             raise TypeError(f"not a redis URL: {config.scheme}://")
-        self._client: Client = make_client(
-            host=config.host,
-            port=config.port,
-            db=config.db,
-            username=config.username,
-            password=config.resolved_password(),
-            timeout=config.timeout,
-            connect_timeout=config.connect_timeout,
-            max_connections=config.max_connections,
-            cluster=config.cluster,
-            tls_options=config.tls_options(),
-        )
+        self._client: Client = client_for(config)
         prefix = config.prefix.encode() + b":baseline:"
         self._names = [prefix + key.hex().encode() for key, _ in values]
         self._values = [value for _, value in values]

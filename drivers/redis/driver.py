@@ -307,19 +307,7 @@ class RedisDriver(Driver[RedisConfig]):
     @classmethod
     async def open(cls, config: RedisConfig) -> Self:
         """Connect (and authenticate) to the server or cluster; raise if it cannot be reached."""
-        connect = partial(
-            make_client,
-            host=config.host,
-            port=config.port,
-            db=config.db,
-            username=config.username,
-            password=config.resolved_password(),
-            timeout=config.timeout,
-            connect_timeout=config.connect_timeout,
-            max_connections=config.max_connections,
-            cluster=config.cluster,
-            tls_options=config.tls_options(),
-        )
+        connect = partial(client_for, config)
         pool = ThreadPoolExecutor(config.max_connections, thread_name_prefix="kvstore-redis")
         try:
             client = await asyncio.get_running_loop().run_in_executor(pool, connect)
@@ -686,3 +674,19 @@ def _spread(weights: builtins.list[int], threads: int) -> builtins.list[builtins
 
 def _take(names: Iterator[bytes], count: int) -> builtins.list[bytes]:
     return list(islice(names, count))
+
+
+def client_for(config: RedisConfig) -> Client:
+    """The redis-py client ``config`` describes (blocking: it connects and authenticates)."""
+    return make_client(
+        host=config.host,
+        port=config.port,
+        db=config.db,
+        username=config.username,
+        password=config.resolved_password(),
+        timeout=config.timeout,
+        connect_timeout=config.connect_timeout,
+        max_connections=config.max_connections,
+        cluster=config.cluster,
+        tls_options=config.tls_options(),
+    )
