@@ -124,17 +124,32 @@ def fp8_step(values: torch.Tensor) -> torch.Tensor:
 
 
 def codes_match(kernel: QuantizedKV, reference: QuantizedKV, interpreted: bool) -> str | None:
-    """Parameters exactly; codes exactly, fp8 codes within one e4m3 step.
+    """Parameters within one fp32 ulp; codes within one step.
 
-    Triton's interpreter also drops the carry when an fp8 rounding reaches the
-    next power of two (it yields half the right code): interpreted runs accept that.
+    On CUDA, torch divides a tensor by a Python scalar as a multiplication by
+    its reciprocal, so the reference's scales can sit one ulp from the kernel's
+    correctly rounded ``div_rn``; a code exactly at a rounding boundary may then
+    land one step away. Triton's interpreter also drops the carry when an fp8
+    rounding reaches the next power of two (it yields half the right code):
+    interpreted runs accept that.
     """
     for name, tensor in reference.params.items():
-        problem = equal(kernel.params[name], tensor)
+        problem = close(kernel.params[name], tensor)
         if problem:
             return f"{name} {problem}"
     if reference.scheme is not QuantScheme.FP8:
-        return equal(kernel.data, reference.data)
+        steps = (kernel.data.int() - reference.data.int()).abs()
+        if reference.scheme is QuantScheme.KIVI4:
+            steps = torch.maximum(
+                ((kernel.data.int() & 15) - (reference.data.int() & 15)).abs(),
+                ((kernel.data.int() >> 4) - (reference.data.int() >> 4)).abs(),
+            )
+        off = steps > 1
+        return (
+            None
+            if not off.any()
+            else "codes off by more than a step at " + describe(off.sum(), off.numel())
+        )
     ours, theirs = kernel.data.float(), reference.data.float()
     near = (ours - theirs).abs() <= fp8_step(theirs)
     if interpreted:

@@ -16,8 +16,10 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import ipaddress
 import logging
 import os
+import re
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -69,6 +71,9 @@ _STAGING_TTL_MS = 300_000
 
 _LOCATION_FIELDS = frozenset({"host", "port", "db", "username", "password"})
 _TLS_FIELDS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs", "ssl_check_hostname")
+
+
+_HOST = re.compile(r"^[A-Za-z0-9._~-]+$")
 
 
 class RedisConfig(DriverConfig):
@@ -152,7 +157,15 @@ class RedisConfig(DriverConfig):
 
     @field_validator("host")
     @classmethod
-    def _lower_host(cls, host: str) -> str:
+    def _valid_host(cls, host: str) -> str:
+        """A host name, an IPv4 or a (bracketed in URLs) IPv6 address, lowercased."""
+        if ":" in host:
+            try:
+                ipaddress.IPv6Address(host)
+            except ValueError:
+                raise ValueError(f"{host!r} is not an IPv6 address") from None
+        elif not _HOST.match(host):
+            raise ValueError(f"{host!r} is not a host name or IP address")
         return host.lower()
 
     @field_validator("prefix")

@@ -20,8 +20,9 @@ import xxhash
 from typing_extensions import Buffer
 
 from kvstore.buffers import byte_view
-from kvstore.codecs import Codec, codec_by_id
-from kvstore.errors import IntegrityError, InvalidArgumentError
+from kvstore.codecs import ByteCodec, ChunkContext, Codec, KeyRing, TensorCodec, codec_by_id
+from kvstore.codecs.base import check_order
+from kvstore.errors import ConfigError, IntegrityError, InvalidArgumentError
 from kvstore.layout import DTYPE_NAMES, DTYPES, KVLayout
 
 MAGIC = b"KVSC"
@@ -126,14 +127,18 @@ def encode_chunk(
     With no codecs the payload is written straight from ``kv`` into ``out``
     (a uint8 tensor of at least ``raw_chunk_size(kv)`` bytes, e.g. from a
     BufferPool; a new one when omitted): one copy, one digest pass. The result
-    is a view of the encoded bytes.
+    is a view of the encoded bytes. A stack that starts with a quantizer also
+    takes device KV: it is quantized there and only the codes cross to host.
     """
-    if kv.device.type != "cpu":
+    check_order(codecs)
+    quantizer = codecs[0] if codecs and isinstance(codecs[0], TensorCodec) else None
+    if kv.device.type != "cpu" and quantizer is None:
         raise InvalidArgumentError("encode_chunk takes CPU tensors; copy device KV to host first")
     if kv.dtype not in DTYPE_NAMES:
         raise InvalidArgumentError(f"unsupported KV dtype {kv.dtype}")
     dtype = DTYPE_NAMES[kv.dtype]
     shape = tuple(kv.shape)
+    context = ChunkContext(key, dtype, shape, mla, tuple(c.id for c in codecs))
     raw_len = kv.numel() * kv.element_size()
     size = header_length(len(shape), len(codecs))
     if not codecs:
@@ -148,10 +153,11 @@ def encode_chunk(
         view = byte_view(out)[: size + raw_len]
         payload: memoryview | bytes = view[size:]
     else:
-        data: memoryview | bytes = byte_view(kv.contiguous())
-        for codec in codecs:
-            data = codec.encode(memoryview(data))
-        payload = data
+        data: Buffer = quantizer.encode_tensor(kv) if quantizer else byte_view(kv.contiguous())
+        for codec in codecs[1:] if quantizer else codecs:
+            assert isinstance(codec, ByteCodec)
+            data = codec.encode(memoryview(data).cast("B"), context)
+        payload = memoryview(data).cast("B")
         view = memoryview(bytearray(size + len(payload)))
         view[size:] = payload
     _pack_header(
@@ -220,14 +226,17 @@ def decode_chunk(
     tokens: int,
     out: torch.Tensor | None = None,
     verify: bool = True,
+    keys: KeyRing | None = None,
 ) -> torch.Tensor:
     """Verify a stored chunk and return its KV, ``[layers, 2, tokens, heads, dim]``.
 
     The chunk must carry ``key`` and match ``layout`` and ``tokens``; its
     payload must match its digest (skipped with ``verify=False``, for tiers
     whose bytes never leave this process). With ``out``, the KV is copied into
-    it and ``out`` is returned; otherwise the result may be a view of ``data``.
-    Raises IntegrityError on any mismatch.
+    it (a quantized chunk is dequantized straight into it, on its device) and
+    ``out`` is returned; otherwise the result may be a view of ``data``.
+    ``keys`` decrypt encrypted chunks. Raises IntegrityError on any mismatch,
+    a missing or wrong key included.
     """
     view = memoryview(data).cast("B")
     header = read_header(view)
@@ -245,11 +254,23 @@ def decode_chunk(
     payload = view[header.header_len :]
     if verify and payload_digest(payload) != header.digest:
         raise IntegrityError("chunk payload digest mismatch")
+    codecs = [codec_by_id(codec_id, keys) for codec_id in header.codec_ids]
+    try:
+        check_order(codecs)
+    except ConfigError as exc:
+        raise IntegrityError(f"chunk has an invalid codec stack: {exc}") from None
+    quantizer = codecs[0] if codecs and isinstance(codecs[0], TensorCodec) else None
+    context = ChunkContext(key, header.dtype, header.shape, header.mla, header.codec_ids)
     raw: memoryview = payload
-    for codec_id in reversed(header.codec_ids):
-        raw = memoryview(codec_by_id(codec_id).decode(raw))
-    if len(raw) != header.raw_len or header.raw_len != layout.nbytes(tokens):
+    for codec in reversed(codecs[1:] if quantizer else codecs):
+        assert isinstance(codec, ByteCodec)
+        raw = memoryview(codec.decode(raw, context)).cast("B")
+    if header.raw_len != layout.nbytes(tokens) or (
+        quantizer is None and len(raw) != header.raw_len
+    ):
         raise IntegrityError("decoded chunk has the wrong length")
+    if quantizer is not None:
+        return quantizer.decode_tensor(raw, context, out)
     dtype = DTYPES[header.dtype]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="The given buffer is not writable")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from rich.console import Console
 from rich.markup import escape
@@ -59,32 +59,127 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return code
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kvstore", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+def _cmd_bench_codecs(args: argparse.Namespace) -> int:
+    from kvstore.bench_codecs import run_codec_bench
 
-    drivers = commands.add_parser("drivers", help="list every registered driver")
-    drivers.set_defaults(func=_cmd_drivers)
+    return run_codec_bench(args)
 
-    conformance = commands.add_parser(
-        "conformance", help="run the conformance suite against a driver URL"
-    )
-    conformance.add_argument("url", help="driver URL, e.g. nvme:///tmp/kv?capacity=1GiB")
-    conformance.add_argument("--json", metavar="FILE", help="also write a JSON report to FILE")
-    conformance.add_argument("-v", "--verbose", action="store_true", help="show pytest output")
-    conformance.add_argument(
+
+def _cmd_ctl(args: argparse.Namespace) -> int:
+    from kvstore.control.cli import run_ctl
+
+    return run_ctl(args)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from kvstore.control.cli import run_serve
+
+    return run_serve(args)
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from kvstore.demo import run_demo
+
+    return run_demo(args)
+
+
+def _conformance_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("url", help="driver URL, e.g. nvme:///tmp/kv?capacity=1GiB")
+    parser.add_argument("--json", metavar="FILE", help="also write a JSON report to FILE")
+    parser.add_argument("-v", "--verbose", action="store_true", help="show pytest output")
+    parser.add_argument(
         "pytest_args", nargs="*", help="extra pytest arguments after --, e.g. -- -k batch"
     )
-    conformance.set_defaults(func=_cmd_conformance)
 
+
+def _bench_arguments(parser: argparse.ArgumentParser) -> None:
     from kvstore.bench import add_bench_arguments
+    from kvstore.bench_codecs import add_codec_bench_arguments
 
-    bench = commands.add_parser(
-        "bench", help="measure store/retrieve throughput against raw baselines"
+    add_bench_arguments(parser)
+    modes = parser.add_subparsers(dest="bench_mode", metavar="{codecs}")
+    codecs = modes.add_parser(
+        "codecs",
+        help="compression ratio, speed and reconstruction error of codec stacks on real KV",
     )
-    add_bench_arguments(bench)
-    bench.set_defaults(func=_cmd_bench)
+    add_codec_bench_arguments(codecs)
+    codecs.set_defaults(func=_cmd_bench_codecs)
+
+
+def _demo_arguments(parser: argparse.ArgumentParser) -> None:
+    from kvstore.demo import add_demo_arguments
+
+    add_demo_arguments(parser)
+
+
+def _ctl_arguments(parser: argparse.ArgumentParser) -> None:
+    from kvstore.control.cli import add_ctl_arguments
+
+    add_ctl_arguments(parser)
+
+
+def _serve_arguments(parser: argparse.ArgumentParser) -> None:
+    from kvstore.control.cli import add_serve_arguments
+
+    add_serve_arguments(parser)
+
+
+def _no_arguments(parser: argparse.ArgumentParser) -> None:
+    """``drivers`` takes no arguments."""
+
+
+_COMMANDS: dict[
+    str,
+    tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]],
+] = {
+    "demo": (
+        "serve a shared-prefix workload with a local transformers model, with and "
+        "without the cache, and compare time to first token",
+        _demo_arguments,
+        _cmd_demo,
+    ),
+    "drivers": ("list every registered driver", _no_arguments, _cmd_drivers),
+    "conformance": (
+        "run the conformance suite against a driver URL",
+        _conformance_arguments,
+        _cmd_conformance,
+    ),
+    "bench": (
+        "measure store/retrieve throughput against raw baselines",
+        _bench_arguments,
+        _cmd_bench,
+    ),
+    "ctl": (
+        "control a running store over its HTTP control API (docs/control-api.md)",
+        _ctl_arguments,
+        _cmd_ctl,
+    ),
+    "serve": ("open a store and serve its HTTP control API", _serve_arguments, _cmd_serve),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser; only ``command``'s arguments are loaded (or every command's if None).
+
+    Some commands' arguments live in modules that import torch; loading just the
+    one being run keeps ``kvstore ctl`` and ``kvstore drivers`` quick to start.
+    """
+    parser = argparse.ArgumentParser(prog="kvstore", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, (summary, add_arguments, func) in _COMMANDS.items():
+        sub = commands.add_parser(name, help=summary)
+        if command is None or command == name:
+            add_arguments(sub)
+        sub.set_defaults(func=func)
     return parser
+
+
+def _command_of(words: Sequence[str]) -> str | None:
+    """The subcommand named in ``words``, if any (the first word that is not an option)."""
+    for word in words:
+        if not word.startswith("-"):
+            return word if word in _COMMANDS else None
+    return None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -93,10 +188,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if "--" in words:
         cut = words.index("--")
         words, passthrough = words[:cut], words[cut + 1 :]
-    args = build_parser().parse_args(words)
+    parser = build_parser(_command_of(words))
+    args = parser.parse_args(words)
     if passthrough:
         if not hasattr(args, "pytest_args"):
-            build_parser().error("arguments after -- are only taken by 'conformance'")
+            parser.error("arguments after -- are only taken by 'conformance'")
         args.pytest_args = [*args.pytest_args, *passthrough]
     try:
         code: int = args.func(args)

@@ -11,13 +11,23 @@ tier::
 
 from __future__ import annotations
 
+import ipaddress
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from kvstore.codecs import codec_stack
+from kvstore.codecs import KeyRing, codec_stack, lossy_spec
 from kvstore.config_url import validation_problems
 from kvstore.errors import ConfigError
 from kvstore.eviction import POLICIES
@@ -33,8 +43,10 @@ class TierConfig(BaseModel):
     write_policy: how chunks reach the next tier down: ``write-through`` copies
         every stored chunk down in the background; ``write-back`` copies a chunk
         down only when this tier evicts it.
-    codecs: the codec stack chunks are encoded with on this tier (``raw``,
-        ``lz4``, ``zstd:3``, ``lz4+zstd``).
+    codecs: the codec stack chunks are encoded with on this tier, steps joined
+        by ``+`` (``raw``, ``lz4``, ``zstd:3``, ``shuffle+zstd``, ``int8+zstd``,
+        ``kivi4:64``, ``zstd+aesgcm:k1``; docs/codecs.md). A quantizer comes
+        first, encryption last.
     verify: check each chunk's payload digest on read (header, key, shape and
         length are always checked).
     timeout_s: longest a call to this tier may take before it counts as a miss.
@@ -65,6 +77,99 @@ class TierConfig(BaseModel):
         return value
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names this machine's loopback interface only."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _one_of(value: object, env: str | None, what: str) -> None:
+    if (value is None) == (env is None):
+        raise ValueError(f"give exactly one of {what} and {what}_env")
+
+
+class ControlTenant(BaseModel):
+    """One tenant of the control server: the token it authenticates with and the
+    salt its keys use (``Namespace.tenant``), each given directly or as the name
+    of an environment variable. Both are secrets and never shown in reprs."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    salt: SecretStr | None = None
+    salt_env: str | None = None
+    token: SecretStr | None = None
+    token_env: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source_each(self) -> ControlTenant:
+        _one_of(self.salt, self.salt_env, "salt")
+        _one_of(self.token, self.token_env, "token")
+        return self
+
+
+class ControlConfig(BaseModel):
+    """The HTTP control server of a store (docs/control-api.md).
+
+    enabled: connectors start the server when they open the store.
+    host / port: where it listens (port 0: any free port). Loopback by
+        default; any other address needs a token or client certificates.
+    token / token_env: the admin bearer token, or the environment variable
+        that holds it (a secret, never shown in reprs).
+    tls_cert / tls_key: serve HTTPS with this certificate and key.
+    tls_client_ca: require client certificates signed by this CA (mTLS).
+    tenants: tenants and their tokens; with tenants configured every request
+        needs a token, on loopback too.
+    tokenizers: model name to a local tokenizer directory (or a hub id already
+        in the local cache) for lookups by ``text``; default: the model name.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = Field(default=8740, ge=0, le=65535)
+    token: SecretStr | None = None
+    token_env: str | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    tenants: list[ControlTenant] = Field(default_factory=list)
+    tokenizers: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _secure(self) -> ControlConfig:
+        if self.token is not None and self.token_env is not None:
+            raise ValueError("give at most one of token and token_env")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca (mTLS) needs tls_cert and tls_key")
+        names = [tenant.name for tenant in self.tenants]
+        if len(set(names)) != len(names):
+            raise ValueError("tenant names must be unique")
+        if not is_loopback(self.host) and not self.has_credentials:
+            raise ValueError(
+                f"the control server may listen on {self.host} only with a token or client "
+                "certificates (token, token_env, tenants or tls_client_ca); loopback needs none"
+            )
+        return self
+
+    @property
+    def has_credentials(self) -> bool:
+        """Whether requests must authenticate (a token or a client certificate)."""
+        return bool(
+            self.token is not None
+            or self.token_env is not None
+            or self.tenants
+            or self.tls_client_ca is not None
+        )
+
+
 class StoreConfig(BaseModel):
     """A hierarchical store: tiers fastest first, plus background-write limits.
 
@@ -75,6 +180,16 @@ class StoreConfig(BaseModel):
     io_batch_bytes: bytes of chunks per driver call on the hot path.
     read_ahead: batches ``retrieve`` keeps in flight while it decodes (more
         hides the latency of remote tiers, at ``io_batch_bytes`` of buffers each).
+    name: the store's ``store`` label in its metrics (docs/metrics.md); a name
+        already taken by an open store in this process gets a ``-2`` suffix.
+    encryption_keys: key id to base64 AES key (16, 24 or 32 bytes) for
+        ``aesgcm`` tiers, merged with the environment's (docs/codecs.md);
+        never shown in reprs.
+
+    control: the HTTP control server (``ControlConfig``); none by default.
+
+    At most one lossy codec (quantizer) may appear across the tiers:
+    ``lossy_codec`` names it, and the store's ``Namespace.codec`` must equal it.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -86,6 +201,9 @@ class StoreConfig(BaseModel):
     on_queue_full: Literal["block", "drop"] = "block"
     io_batch_bytes: ByteSize = 64 << 20
     read_ahead: int = Field(default=4, ge=1, le=64)
+    name: str = Field(default="default", min_length=1)
+    encryption_keys: dict[str, SecretStr] = Field(default_factory=dict)
+    control: ControlConfig | None = None
 
     @field_validator("tiers", mode="before")
     @classmethod
@@ -93,6 +211,30 @@ class StoreConfig(BaseModel):
         if isinstance(value, list):
             return [{"url": item} if isinstance(item, str) else item for item in value]
         return value
+
+    @model_validator(mode="after")
+    def _one_lossy_codec(self) -> StoreConfig:
+        lossy = sorted({lossy_spec(codec_stack(tier.codecs)) for tier in self.tiers} - {"raw"})
+        if len(lossy) > 1:
+            raise ConfigError(
+                f"tiers use different lossy codecs {lossy}: a store has at most one, "
+                "so that its keys name the one transform its KV went through"
+            )
+        return self
+
+    @property
+    def lossy_codec(self) -> str:
+        """The tiers' quantizer spec (``int8``, ``kivi4:64``), or ``raw``: the
+        ``Namespace.codec`` a store with this config must be opened with."""
+        specs = {lossy_spec(codec_stack(tier.codecs)) for tier in self.tiers}
+        return next(iter(specs - {"raw"}), "raw")
+
+    def keyring(self, environ: Mapping[str, str] | None = None) -> KeyRing:
+        """The encryption keys of ``encryption_keys`` and the environment."""
+        configured = {
+            key_id: secret.get_secret_value() for key_id, secret in self.encryption_keys.items()
+        }
+        return KeyRing.load(configured, environ)
 
     @classmethod
     def parse(cls, data: dict[str, Any], *, source: str = "config") -> StoreConfig:

@@ -46,7 +46,10 @@ class DriverConfig(BaseModel):
         shown = redact_url(url, cls.secret_fields)
         if scheme != cls.scheme and not scheme.startswith(cls.scheme + "+"):
             raise ConfigError(f"{cls.__name__} takes {cls.scheme}:// URLs, not {shown!r}")
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+        except ValueError as exc:
+            raise ConfigError(f"malformed URL {shown!r}: {exc}") from None
         if parts.fragment:
             raise ConfigError(f"driver URLs take no #fragment: {shown!r}")
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from fractions import Fraction
 from typing import Annotated
 
 from pydantic import BeforeValidator, PlainSerializer
@@ -27,6 +28,8 @@ _UNITS = {
 }
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
 _BINARY = (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10))
+MAX_SIZE = (1 << 63) - 1
+"""The largest byte size accepted: any more is a typo, and would not fit a signed 64-bit field."""
 
 
 def parse_size(value: object) -> int:
@@ -36,6 +39,8 @@ def parse_size(value: object) -> int:
     if isinstance(value, int):
         if value < 0:
             raise ConfigError(f"byte size must not be negative: {value}")
+        if value > MAX_SIZE:
+            raise ConfigError(f"byte size must be at most {MAX_SIZE} bytes (8 EiB)")
         return value
     if not isinstance(value, str):
         raise ConfigError(f"not a byte size: {value!r}")
@@ -43,10 +48,13 @@ def parse_size(value: object) -> int:
     if match is None or match.group(2).lower() not in _UNITS:
         raise ConfigError(f"not a byte size: {value!r} (examples: 4096, 512MiB, 64GiB)")
     number, unit = match.groups()
-    size = float(number) * _UNITS[unit.lower()]
-    if size != int(size):
+    try:
+        size = Fraction(number) * _UNITS[unit.lower()]
+    except ValueError:
+        raise ConfigError(f"not a byte size: {value!r} (too many digits)") from None
+    if size.denominator != 1:
         raise ConfigError(f"byte size is not a whole number of bytes: {value!r}")
-    return int(size)
+    return parse_size(int(size))
 
 
 def format_size(size: int) -> str:

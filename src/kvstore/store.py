@@ -17,17 +17,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import logging
+import math
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Any, TypeVar
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
 
+import blake3
 import torch
 
 from kvstore.buffers import BufferPool, byte_view
-from kvstore.chunk import decode_chunk, encode_chunk, raw_chunk_size
-from kvstore.codecs import Codec
+from kvstore.chunk import decode_chunk, encode_chunk, raw_chunk_size, read_header
+from kvstore.codecs import Codec, KeyRing, codec_stack
 from kvstore.config import StoreConfig
 from kvstore.driver import Driver
 from kvstore.errors import (
@@ -35,14 +39,16 @@ from kvstore.errors import (
     DriverUnavailableError,
     IntegrityError,
     InvalidArgumentError,
+    InvalidKeyError,
     KVStoreError,
     NotFoundError,
 )
-from kvstore.keys import Namespace, TokenIds, chunk_keys
-from kvstore.layout import TOKEN_DIM
+from kvstore.keys import KEY_BYTES, Namespace, TokenIds, chunk_keys
+from kvstore.layout import TOKEN_DIM, KVLayout
+from kvstore.metrics import StoreMetrics, timed
 from kvstore.registry import open_driver
 from kvstore.sync import LoopThread, shared_loop
-from kvstore.tier import Tier, TierSnapshot
+from kvstore.tier import Tier, TierSnapshot, check_codecs
 
 T = TypeVar("T")
 log = logging.getLogger("kvstore.store")
@@ -84,6 +90,199 @@ class StoreStats:
     tiers: tuple[TierSnapshot, ...]
     queued_bytes: int
     pinned_chunks: int
+
+
+TAG_BYTES = 8
+"""Bytes of each tag that prefixes a chunk key in a storage key."""
+STORAGE_KEY_BYTES = 2 * TAG_BYTES + KEY_BYTES
+"""A storage key: tenant tag, namespace tag, chunk key (docs/key-spec.md)."""
+_NAMED_CHUNK_TAG = b"kvstore-named-chunk-v1\n"
+
+Scope = Literal["namespace", "tenant", "all"]
+"""Which stored chunks a tier-wide operation touches: this store's namespace, every
+namespace of its tenant, or everything in the tiers, whoever wrote it."""
+
+
+def tenant_tag(tenant: str) -> bytes:
+    """The tag of a tenant's storage keys; without the salt it cannot be computed."""
+    return blake3.blake3(b"kvstore-tenant-tag-v1\n" + tenant.encode()).digest()[:TAG_BYTES]
+
+
+def namespace_tag(namespace_digest: bytes) -> bytes:
+    """The tag of one namespace's storage keys, derived from its digest."""
+    return blake3.blake3(b"kvstore-namespace-tag-v1\n" + namespace_digest).digest()[:TAG_BYTES]
+
+
+def storage_prefix(namespace: Namespace) -> bytes:
+    """What the storage key of each of ``namespace``'s chunks starts with."""
+    return tenant_tag(namespace.tenant) + namespace_tag(namespace.digest())
+
+
+_PROBE_KEY = b"kvstore-health-probe"
+"""The key ``health`` asks each tier about; nothing stores it."""
+
+
+def _chunk_key(storage_key: bytes) -> bytes:
+    """The chunk key a storage key ends with: the key a chunk's header carries."""
+    return storage_key[-KEY_BYTES:]
+
+
+@dataclass
+class ScopeCounters:
+    """Lookups and retrieves of one namespace, so a tenant sees its own counts only."""
+
+    lookups: int = 0
+    lookup_tokens: int = 0
+    hit_tokens: int = 0
+    retrieves: int = 0
+    retrieved_tokens: int = 0
+
+    def note_lookup(self, requested: int, found: int) -> None:
+        self.lookups += 1
+        self.lookup_tokens += requested
+        self.hit_tokens += found
+
+    def note_retrieve(self, loaded: int) -> None:
+        self.retrieves += 1
+        self.retrieved_tokens += loaded
+
+    def add(self, other: ScopeCounters) -> None:
+        self.lookups += other.lookups
+        self.lookup_tokens += other.lookup_tokens
+        self.hit_tokens += other.hit_tokens
+        self.retrieves += other.retrieves
+        self.retrieved_tokens += other.retrieved_tokens
+
+
+@dataclass(frozen=True)
+class ScopeTierUsage:
+    """What one tier holds of a scope, as the store's index knows it."""
+
+    name: str
+    entries: int
+    used_bytes: int
+    capacity_bytes: int
+    pinned: int
+
+
+@dataclass(frozen=True)
+class ScopeStats:
+    """``scope_stats()``: per-tier usage and the counters of one scope only."""
+
+    scope: Scope
+    tiers: tuple[ScopeTierUsage, ...]
+    counters: ScopeCounters
+
+
+@dataclass(frozen=True)
+class TierHealth:
+    """``health()`` of one tier.
+
+    reachable: a probe call (``contains_many`` of one key nothing stores)
+        answered within the timeout; ``error`` says why not.
+    latency_s: how long the probe took.
+    error_rate: driver errors per chunk operation (hits, misses, writes and
+        errors) since the store opened.
+    """
+
+    name: str
+    url: str
+    reachable: bool
+    latency_s: float
+    error: str | None
+    errors: int
+    error_rate: float
+    entries: int
+    used_bytes: int
+    capacity_bytes: int
+
+
+@dataclass(frozen=True)
+class Progress:
+    """How far a long operation (clear, move, compress) has got."""
+
+    done_chunks: int
+    total_chunks: int
+    done_bytes: int
+    total_bytes: int
+
+
+ProgressCallback = Callable[[Progress], None]
+
+
+@dataclass(frozen=True)
+class MoveResult:
+    """What ``move`` did: chunks looked at, copied, already in the target, bad
+    (failed verification and dropped), failed (unread or not written), and
+    removed from the source (``migrate``)."""
+
+    chunks: int
+    copied: int
+    already_there: int
+    corrupt: int
+    failed: int
+    removed: int
+    bytes_copied: int
+
+
+@dataclass(frozen=True)
+class CompressResult:
+    """What ``compress`` did: chunks looked at, re-encoded, already in the codec
+    stack, bad (dropped), failed, and the bytes of the re-encoded chunks before and after."""
+
+    chunks: int
+    recoded: int
+    unchanged: int
+    corrupt: int
+    failed: int
+    bytes_before: int
+    bytes_after: int
+
+
+@dataclass
+class _Tally:
+    """Progress of a long operation, reported through an optional callback."""
+
+    total_chunks: int
+    total_bytes: int
+    callback: ProgressCallback | None
+    done_chunks: int = 0
+    done_bytes: int = 0
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.advance(0, 0)
+
+    def count(self, what: str, n: int = 1) -> None:
+        self.counts[what] = self.counts.get(what, 0) + n
+
+    def advance(self, chunks: int, nbytes: int) -> None:
+        self.done_chunks += chunks
+        self.done_bytes += nbytes
+        if self.callback is not None:
+            self.callback(
+                Progress(self.done_chunks, self.total_chunks, self.done_bytes, self.total_bytes)
+            )
+
+
+def _verified_recode(
+    key: bytes, value: memoryview, codecs: tuple[Codec, ...], keys: KeyRing
+) -> memoryview:
+    """Verify a stored chunk of any namespace (its header names its layout) and
+    return it encoded with ``codecs``: ``value`` itself when it already is.
+    ``keys`` decrypt encrypted chunks."""
+    header = read_header(value)
+    if len(header.shape) != 5:
+        raise IntegrityError(f"chunk header has shape {header.shape}, not a KV chunk")
+    layers, _planes, tokens, heads, dim = header.shape
+    try:
+        layout = KVLayout(layers, heads, dim, header.dtype, header.mla)
+    except InvalidArgumentError as exc:
+        raise IntegrityError(f"chunk header names no valid layout: {exc}") from None
+    kv = decode_chunk(value, key=_chunk_key(key), layout=layout, tokens=tokens, keys=keys)
+    if tuple(header.codec_ids) == tuple(codec.id for codec in codecs):
+        return value
+    return encode_chunk(_chunk_key(key), kv, mla=header.mla, codecs=codecs)
 
 
 class _Encoded:
@@ -167,21 +366,25 @@ class _QueueBudget:
 class AsyncKVStore:
     """A hierarchical KV store; every method runs on the event loop that opened it."""
 
-    def __init__(self, config: StoreConfig, namespace: Namespace, tiers: list[Tier]) -> None:
+    def __init__(
+        self,
+        config: StoreConfig,
+        namespace: Namespace,
+        tiers: list[Tier],
+        *,
+        keys: KeyRing | None = None,
+    ) -> None:
         if namespace.chunk_tokens != config.chunk_tokens or namespace.tenant != config.tenant:
             raise ConfigError("the namespace's chunk_tokens and tenant must match the store config")
         self.config = config
-        self.namespace = namespace
-        self.layout = namespace.layout
-        self.chunk_tokens = namespace.chunk_tokens
         self.tiers = tiers
-        self._digest = namespace.digest()
-        self._chunk_size = raw_chunk_size(
-            torch.empty(
-                self.layout.shape(self.chunk_tokens), dtype=self.layout.torch_dtype, device="meta"
-            )
-        )
+        self._keys = keys if keys is not None else config.keyring()
+        self._root = self
+        self._scopes: dict[bytes, ScopeCounters] = {}
+        self._bind(namespace)
         self._pinned: set[bytes] = set()
+        self._pin_deadlines: dict[bytes, float] = {}
+        self._sweeper: asyncio.Task[None] | None = None
         self._pool = BufferPool(
             max_bytes=config.queue_bytes + (config.read_ahead + 1) * config.io_batch_bytes
         )
@@ -193,6 +396,14 @@ class AsyncKVStore:
             for tier, queue in zip(tiers, self._queues)
         ]
         self._closed = False
+        self.metrics = StoreMetrics(
+            config.name,
+            tiers,
+            chunk_tokens=self.chunk_tokens,
+            queue_limit=config.queue_bytes,
+            stats=self.stats,
+            queue_depths=lambda: [queue.qsize() for queue in self._queues],
+        )
 
     @classmethod
     async def open(
@@ -211,38 +422,117 @@ class AsyncKVStore:
         if drivers is not None and len(drivers) != len(config.tiers):
             raise ConfigError(f"{len(drivers)} drivers given for {len(config.tiers)} tiers")
         tiers: list[Tier] = []
+        keys = config.keyring()
         try:
             for position, tier_config in enumerate(config.tiers):
                 driver = (
                     drivers[position] if drivers is not None else await open_driver(tier_config.url)
                 )
                 try:
-                    tier = Tier(position, tier_config, driver)
+                    tier = Tier(position, tier_config, driver, keys=keys)
                 except KVStoreError:
                     await driver.close()
                     raise
                 tiers.append(tier)
                 await tier.load_index()
+            return cls(config, namespace, tiers, keys=keys)
         except BaseException:
             for tier in tiers:
                 await tier.driver.close()
             raise
-        return cls(config, namespace, tiers)
+
+    def _bind(self, namespace: Namespace) -> None:
+        """Point this store at ``namespace``: its layout, digest and storage-key prefix."""
+        check_codecs(self.tiers, namespace)
+        self.namespace = namespace
+        self.layout = namespace.layout
+        self.chunk_tokens = namespace.chunk_tokens
+        self._digest = namespace.digest()
+        self._prefix = storage_prefix(namespace)
+        self._counters = self._scopes.setdefault(self._prefix, ScopeCounters())
+        self._chunk_size = raw_chunk_size(
+            torch.empty(
+                self.layout.shape(self.chunk_tokens), dtype=self.layout.torch_dtype, device="meta"
+            )
+        )
+
+    def scoped(self, namespace: Namespace) -> AsyncKVStore:
+        """This store seen through another namespace (another model, TP rank or tenant).
+
+        ``namespace`` must have this store's KV layout and chunk size. The view
+        shares this store's tiers, queues, pins and lifetime; its keys, lookups,
+        stores, retrieves and scoped operations are ``namespace``'s. Closing a
+        view does nothing: close the store it came from.
+        """
+        if namespace.chunk_tokens != self.chunk_tokens or namespace.layout != self.layout:
+            raise ConfigError(
+                "a view's namespace must have the store's chunk_tokens and KV layout "
+                f"({self.chunk_tokens}, {self.layout})"
+            )
+        view = copy.copy(self)
+        view._bind(namespace)
+        return view
 
     # ----------------------------------------------------------------- queries
 
     def keys(self, tokens: TokenIds) -> list[bytes]:
-        """The chunk keys of every whole chunk of ``tokens``."""
-        return chunk_keys(self._digest, tokens, self.chunk_tokens)
+        """The storage keys of every whole chunk of ``tokens``: this namespace's
+        prefix, then the chunk key (docs/key-spec.md)."""
+        prefix = self._prefix
+        return [prefix + key for key in chunk_keys(self._digest, tokens, self.chunk_tokens)]
 
+    def named_keys(self, names: Sequence[bytes]) -> list[bytes]:
+        """Storage keys of chunks an engine names itself (SGLang's page hashes)
+        instead of by tokens: this namespace's prefix, then ``blake3(namespace
+        digest || b"kvstore-named-chunk-v1\\n" || name)``. The engine's naming must
+        make equal names mean equal KV within the namespace."""
+        prefix = self._prefix
+        keys = []
+        for name in names:
+            if type(name) is not bytes or not name:
+                raise InvalidKeyError(f"chunk names are non-empty bytes, got {name!r}")
+            hasher = blake3.blake3(self._digest)
+            hasher.update(_NAMED_CHUNK_TAG)
+            hasher.update(name)
+            keys.append(prefix + hasher.digest())
+        return keys
+
+    @timed("locate")
+    async def locate(self, keys: Sequence[bytes]) -> tuple[str, ...]:
+        """The tier of each chunk of the cached prefix of ``keys`` (from ``named_keys``)."""
+        located = await self._locate(self._own_keys(keys))
+        self.metrics.count_prefix(
+            "locate", len(keys) * self.chunk_tokens, len(located) * self.chunk_tokens
+        )
+        return tuple(self.tiers[t].name for t in located)
+
+    def _own_keys(self, keys: Sequence[bytes]) -> list[bytes]:
+        """``keys`` as a list, each checked to be a storage key of this namespace."""
+        own = list(keys)
+        for key in own:
+            if (
+                type(key) is not bytes
+                or len(key) != STORAGE_KEY_BYTES
+                or key[: 2 * TAG_BYTES] != self._prefix
+            ):
+                raise InvalidKeyError("not a storage key of this store's namespace")
+        return own
+
+    @timed("lookup")
     async def lookup(self, tokens: TokenIds) -> LookupResult:
         """How many leading tokens are cached, and in which tier each chunk is."""
-        located = await self._locate(self.keys(tokens))
+        keys = self.keys(tokens)
+        located = await self._locate(keys)
+        self.metrics.count_prefix(
+            "lookup", len(keys) * self.chunk_tokens, len(located) * self.chunk_tokens
+        )
+        self._counters.note_lookup(len(keys) * self.chunk_tokens, len(located) * self.chunk_tokens)
         return LookupResult(
             tokens=len(located) * self.chunk_tokens,
             chunk_tiers=tuple(self.tiers[t].name for t in located),
         )
 
+    @timed("contains")
     async def contains(self, tokens: TokenIds) -> list[bool]:
         """For each whole chunk of ``tokens``: is it held by any tier?"""
         keys = self.keys(tokens)
@@ -284,6 +574,7 @@ class AsyncKVStore:
 
     # ------------------------------------------------------------------- store
 
+    @timed("store")
     async def store(self, tokens: TokenIds, kv: torch.Tensor) -> StoreResult:
         """Cache the KV of every whole chunk of ``tokens`` not cached yet.
 
@@ -301,6 +592,33 @@ class AsyncKVStore:
         self.layout.check(kv[:, :, :needed], needed)
         if kv.device.type != "cpu":
             kv = kv[:, :, :needed].cpu()
+        ct = self.chunk_tokens
+        return await self._store_chunks(
+            keys, [kv[:, :, i * ct : (i + 1) * ct] for i in range(len(keys))]
+        )
+
+    @timed("store_chunks")
+    async def store_chunks(
+        self, keys: Sequence[bytes], chunks: Sequence[torch.Tensor]
+    ) -> StoreResult:
+        """Cache chunks under keys from ``named_keys``, skipping those already cached.
+
+        ``chunks[i]`` is one chunk of KV, ``[layers, 2, chunk_tokens, kv_heads,
+        head_dim]`` in the store's layout, any strides, on any device (e.g. a
+        view of an engine's host memory); it is copied, never kept.
+        """
+        self._check_open()
+        keys = self._own_keys(keys)
+        if len(chunks) != len(keys):
+            raise InvalidArgumentError(f"{len(chunks)} chunks given for {len(keys)} keys")
+        for chunk in chunks:
+            self.layout.check(chunk, self.chunk_tokens)
+        return await self._store_chunks(
+            keys, [chunk if chunk.device.type == "cpu" else chunk.cpu() for chunk in chunks]
+        )
+
+    async def _store_chunks(self, keys: list[bytes], chunks: list[torch.Tensor]) -> StoreResult:
+        """Encode the chunks the first tier lacks, write them there and queue them below."""
         first = self.tiers[0]
         fresh = []
         for i, key in enumerate(keys):
@@ -308,17 +626,11 @@ class AsyncKVStore:
                 first.index.touch(key)
             else:
                 fresh.append(i)
-        ct = self.chunk_tokens
-        per_batch = max(1, self.config.io_batch_bytes // self.layout.nbytes(ct))
+        per_batch = max(1, self.config.io_batch_bytes // self.layout.nbytes(self.chunk_tokens))
         batches = [fresh[start : start + per_batch] for start in range(0, len(fresh), per_batch)]
 
         def encode(batch: list[int]) -> asyncio.Future[list[_Encoded]]:
-            return asyncio.gather(
-                *(
-                    self._encode(keys[i], kv[:, :, i * ct : (i + 1) * ct], first.codecs)
-                    for i in batch
-                )
-            )
+            return asyncio.gather(*(self._encode(keys[i], chunks[i], first.codecs) for i in batch))
 
         written = 0
         pending = encode(batches[0]) if batches else None
@@ -349,10 +661,12 @@ class AsyncKVStore:
 
     async def _encode(self, key: bytes, kv: torch.Tensor, codecs: tuple[Codec, ...]) -> _Encoded:
         if codecs:
-            view = await self._run(encode_chunk, key, kv, mla=self.layout.mla, codecs=codecs)
+            view = await self._run(
+                encode_chunk, _chunk_key(key), kv, mla=self.layout.mla, codecs=codecs
+            )
             return _Encoded(key, view, codecs, None, self._pool)
         buffer = self._pool.acquire(raw_chunk_size(kv))
-        view = await self._run(encode_chunk, key, kv, mla=self.layout.mla, out=buffer)
+        view = await self._run(encode_chunk, _chunk_key(key), kv, mla=self.layout.mla, out=buffer)
         return _Encoded(key, view, codecs, buffer, self._pool)
 
     async def _recode(self, chunk: _Encoded, codecs: tuple[Codec, ...]) -> _Encoded:
@@ -360,7 +674,12 @@ class AsyncKVStore:
         if chunk.codecs == codecs or [c.spec() for c in chunk.codecs] == [c.spec() for c in codecs]:
             return chunk.retain()
         kv = await self._run(
-            decode_chunk, chunk.view, key=chunk.key, layout=self.layout, tokens=self.chunk_tokens
+            decode_chunk,
+            chunk.view,
+            key=_chunk_key(chunk.key),
+            layout=self.layout,
+            tokens=self.chunk_tokens,
+            keys=self._keys,
         )
         return await self._encode(chunk.key, kv, codecs)
 
@@ -394,7 +713,7 @@ class AsyncKVStore:
         async with tier.room_lock:
             need = tier.index.used_bytes + tier.reserved + size - tier.capacity
             if need > 0:
-                victims = tier.index.victims(need, self._pinned.__contains__)
+                victims = tier.index.victims(need, self._is_pinned)
                 if victims is None:
                     return False
                 await self._evict_from(tier, [key for key, _ in victims])
@@ -470,6 +789,7 @@ class AsyncKVStore:
 
     # ---------------------------------------------------------------- retrieve
 
+    @timed("retrieve")
     async def retrieve(self, tokens: TokenIds, out: torch.Tensor | None = None) -> RetrieveResult:
         """Load the KV of the longest cached prefix of ``tokens``.
 
@@ -480,6 +800,8 @@ class AsyncKVStore:
         keys = self.keys(tokens)
         located = await self._locate(keys)
         if not located:
+            self.metrics.count_prefix("retrieve", len(keys) * self.chunk_tokens, 0)
+            self._counters.note_retrieve(0)
             return RetrieveResult(0, None, ())
         ct = self.chunk_tokens
         if out is None:
@@ -488,6 +810,20 @@ class AsyncKVStore:
             raise InvalidArgumentError(f"out has shape {tuple(out.shape)}, too small")
         else:
             self.layout.check(out)
+        sources = await self._load(
+            keys, located, [out[:, :, i * ct : (i + 1) * ct] for i in range(len(located))]
+        )
+        loaded = len(sources) * ct
+        self.metrics.count_prefix("retrieve", len(keys) * ct, loaded)
+        self._counters.note_retrieve(loaded)
+        return RetrieveResult(loaded, out[:, :, :loaded] if loaded else None, tuple(sources))
+
+    async def _load(
+        self, keys: list[bytes], located: list[int], outs: list[torch.Tensor]
+    ) -> list[str]:
+        """Load the chunks ``located`` found into ``outs``, fastest tier first, with
+        ``read_ahead`` batches in flight; the tier of each chunk loaded, up to the
+        first that no tier could give back verified."""
         sources: list[str] = []
         batches = self._batches(located)
         fetches: list[asyncio.Task[list[memoryview | None]]] = []
@@ -508,7 +844,7 @@ class AsyncKVStore:
                 tier = self.tiers[position]
                 results = await asyncio.gather(
                     *(
-                        self._decode_into(tier, keys[i], value, out[:, :, i * ct : (i + 1) * ct])
+                        self._decode_into(tier, keys[i], value, outs[i])
                         for i, value in zip(indices, values)
                     )
                 )
@@ -521,9 +857,7 @@ class AsyncKVStore:
                             await self._promote(keys[i], value, tier.codecs)
                         sources.append(tier.name)
                     else:
-                        source = await self._recover(
-                            keys[i], out[:, :, i * ct : (i + 1) * ct], position
-                        )
+                        source = await self._recover(keys[i], outs[i], position)
                         if source is None:
                             raise _PrefixEnds
                         sources.append(source)
@@ -537,8 +871,32 @@ class AsyncKVStore:
             await asyncio.gather(*fetches, return_exceptions=True)
             for held in reads:
                 await held.release()
-        loaded = len(sources) * ct
-        return RetrieveResult(loaded, out[:, :, :loaded] if loaded else None, tuple(sources))
+        return sources
+
+    @timed("retrieve_chunks")
+    async def retrieve_chunks(
+        self, keys: Sequence[bytes], outs: Sequence[torch.Tensor]
+    ) -> tuple[str, ...]:
+        """Load the longest cached prefix of ``keys`` (from ``named_keys``) into ``outs``.
+
+        ``outs[i]`` is a ``[layers, 2, chunk_tokens, kv_heads, head_dim]`` tensor
+        of the store's layout, any strides (e.g. a view of an engine's host
+        memory); chunk ``i`` is copied into it once verified. Returns the tier
+        each loaded chunk came from. An ``out`` past the loaded prefix may have
+        been partly written: treat it as garbage.
+        """
+        self._check_open()
+        keys = self._own_keys(keys)
+        if len(outs) != len(keys):
+            raise InvalidArgumentError(f"{len(outs)} outs given for {len(keys)} keys")
+        for out in outs:
+            self.layout.check(out, self.chunk_tokens)
+        located = await self._locate(keys)
+        sources = tuple(await self._load(keys, located, list(outs))) if located else ()
+        self.metrics.count_prefix(
+            "retrieve_chunks", len(keys) * self.chunk_tokens, len(sources) * self.chunk_tokens
+        )
+        return sources
 
     def _batches(self, located: list[int]) -> list[tuple[int, list[int]]]:
         """Consecutive chunks from the same tier, at most ``io_batch_bytes`` a batch."""
@@ -556,6 +914,7 @@ class AsyncKVStore:
         else ``get_many`` into pooled buffers; ``None`` for misses and failures."""
         values: list[memoryview | None] = [None] * len(keys)
         if tier.driver.capabilities.lends_views:
+            start = time.perf_counter()
             try:
                 values = list(await reads.loans.enter_async_context(tier.driver.borrow_many(keys)))
             except DriverUnavailableError as exc:
@@ -563,6 +922,8 @@ class AsyncKVStore:
                 return values
             except Exception as exc:
                 tier.note_error("borrow_many", exc)
+            finally:
+                tier.timings.observe("borrow_many", time.perf_counter() - start)
         missing = [i for i, value in enumerate(values) if value is None]
         if not missing:
             return values
@@ -594,11 +955,12 @@ class AsyncKVStore:
             await self._run(
                 decode_chunk,
                 value,
-                key=key,
+                key=_chunk_key(key),
                 layout=self.layout,
                 tokens=self.chunk_tokens,
                 out=out,
                 verify=tier.config.verify,
+                keys=self._keys,
             )
             return True
         except IntegrityError as exc:
@@ -644,21 +1006,69 @@ class AsyncKVStore:
 
     # ----------------------------------------------------------------- control
 
-    async def pin(self, tokens: TokenIds) -> int:
-        """Pin the cached prefix of ``tokens`` so no tier evicts it; chunks pinned."""
-        keys = self.keys(tokens)[: len(await self._locate(self.keys(tokens)))]
+    async def pin(self, tokens: TokenIds, ttl_s: float | None = None) -> int:
+        """Pin the cached prefix of ``tokens`` so no tier evicts it; chunks pinned.
+
+        ttl_s: drop the pin after this many seconds (so a client that dies
+        cannot hold chunks forever). A chunk pinned several times stays pinned
+        until the latest deadline asked for, or for good if any pin had none.
+        """
+        if ttl_s is not None and not (math.isfinite(ttl_s) and ttl_s > 0):
+            raise InvalidArgumentError(f"ttl_s must be a positive number of seconds, got {ttl_s}")
+        keys = self.keys(tokens)
+        keys = keys[: len(await self._locate(keys))]
+        deadlines = self._pin_deadlines
+        for key in keys:
+            if ttl_s is None:
+                deadlines.pop(key, None)
+            elif key not in self._pinned or key in deadlines:
+                deadlines[key] = max(deadlines.get(key, 0.0), time.monotonic() + ttl_s)
         self._pinned.update(keys)
+        if ttl_s is not None and keys:
+            self._sweep_later()
         return len(keys)
 
     async def unpin(self, tokens: TokenIds) -> int:
         """Unpin every chunk of ``tokens``; chunks that were pinned."""
-        keys = [key for key in self.keys(tokens) if key in self._pinned]
+        keys = [key for key in self.keys(tokens) if self._is_pinned(key)]
         self._pinned.difference_update(keys)
+        for key in keys:
+            self._pin_deadlines.pop(key, None)
         return len(keys)
+
+    def _is_pinned(self, key: bytes) -> bool:
+        """Whether ``key`` is pinned now; a pin past its deadline is dropped here."""
+        if key not in self._pinned:
+            return False
+        deadline = self._pin_deadlines.get(key)
+        if deadline is not None and deadline <= time.monotonic():
+            self._pinned.discard(key)
+            del self._pin_deadlines[key]
+            return False
+        return True
+
+    def _expire_pins(self) -> None:
+        now = time.monotonic()
+        for key in [key for key, deadline in self._pin_deadlines.items() if deadline <= now]:
+            self._pinned.discard(key)
+            del self._pin_deadlines[key]
+
+    def _sweep_later(self) -> None:
+        """Start the task that drops expired pins, unless it runs already."""
+        root = self._root
+        if root._sweeper is None or root._sweeper.done():
+            root._sweeper = asyncio.create_task(root._sweep_pins(), name="kvstore-pin-sweeper")
+
+    async def _sweep_pins(self) -> None:
+        """Drop pins as they expire (at most a second late), until none has a deadline."""
+        while self._pin_deadlines:
+            earliest = min(self._pin_deadlines.values())
+            await asyncio.sleep(min(1.0, max(0.0, earliest - time.monotonic())))
+            self._expire_pins()
 
     async def evict(self, tokens: TokenIds) -> int:
         """Drop the unpinned chunks of ``tokens`` from every tier; chunks dropped."""
-        keys = [key for key in self.keys(tokens) if key not in self._pinned]
+        keys = [key for key in self.keys(tokens) if not self._is_pinned(key)]
         dropped: set[bytes] = set()
         for tier in self.tiers:
             held = [key for key in keys if key in tier.index or tier.shared]
@@ -673,24 +1083,315 @@ class AsyncKVStore:
             dropped.update(key for key, was in zip(held, existed) if was)
         return len(dropped)
 
-    async def clear(self, tier: str | None = None) -> int:
-        """Delete every chunk in one tier (by name) or in all; entries deleted."""
+    def _resolve(self, scope: Scope | None) -> Scope:
+        """``scope``, or the default: ``tenant`` for a store with a tenant salt (so
+        one tenant never touches another's chunks), else ``all``."""
+        if scope is None:
+            return "tenant" if self.namespace.tenant else "all"
+        return scope
+
+    def _scope_prefix(self, scope: Scope | None) -> bytes:
+        """What the storage keys of ``scope`` start with."""
+        scope = self._resolve(scope)
+        if scope == "namespace":
+            return self._prefix
+        if scope == "tenant":
+            return self._prefix[:TAG_BYTES]
+        if scope == "all":
+            return b""
+        raise InvalidArgumentError(f"scope must be namespace, tenant or all, got {scope!r}")
+
+    async def _held(self, tier: Tier, prefix: bytes) -> dict[bytes, int]:
+        """Every key ``tier`` holds that starts with ``prefix``, with its size:
+        from the index, and from the driver's listing where it can list."""
+        held = {key: size for key, size in tier.index.eviction_order() if key.startswith(prefix)}
+        if tier.driver.capabilities.listable:
+            async for entry in tier.driver.list():
+                if entry.key.startswith(prefix):
+                    held.setdefault(entry.key, entry.size)
+        return held
+
+    async def _selected(
+        self, tier: Tier, tokens: TokenIds | None, scope: Scope | None
+    ) -> dict[bytes, int]:
+        """The chunks of ``tokens`` that ``tier`` holds, or every chunk of ``scope`` in it."""
+        if tokens is None:
+            return await self._held(tier, self._scope_prefix(scope))
+        keys = self.keys(tokens)
+        held = {key: tier.index.size_of(key) for key in keys}
+        missing = [key for key, size in held.items() if size is None]
+        if tier.shared and missing:
+            for key, hit in zip(missing, await self._contains(tier, missing)):
+                if hit:
+                    held[key] = self._chunk_size
+        return {key: size for key, size in held.items() if size is not None}
+
+    def _batched(self, held: dict[bytes, int]) -> list[list[bytes]]:
+        """Keys in batches of at most ``io_batch_bytes`` (one key at least)."""
+        batches: list[list[bytes]] = []
+        size = 0
+        for key, nbytes in held.items():
+            if not batches or size + nbytes > self.config.io_batch_bytes:
+                batches.append([])
+                size = 0
+            batches[-1].append(key)
+            size += nbytes
+        return batches
+
+    async def _read(self, tier: Tier, keys: list[bytes]) -> list[memoryview | None]:
+        """Values of ``keys`` in ``tier``; a failed call reads as misses (and is counted)."""
+        try:
+            return await tier.call("get_many", tier.driver.get_many(keys))
+        except Exception:
+            return [None] * len(keys)
+
+    async def _drop(self, tier: Tier, keys: list[bytes]) -> None:
+        """Delete ``keys`` from ``tier`` and its index."""
+        for key in keys:
+            tier.index.remove(key)
+        if keys:
+            await tier.call("delete_many", tier.driver.delete_many(keys))
+
+    async def _recode_verified(
+        self, tier: Tier, key: bytes, value: memoryview, codecs: tuple[Codec, ...]
+    ) -> memoryview | None:
+        """``_verified_recode`` off the loop; ``None`` for a bad chunk, which is counted."""
+        try:
+            return await self._run(_verified_recode, key, value, codecs, self._keys)
+        except IntegrityError as exc:
+            tier.stats.integrity_failures += 1
+            tier.note_error("verify", exc)
+            return None
+
+    async def clear(
+        self,
+        tier: str | None = None,
+        *,
+        scope: Scope | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> int:
+        """Delete the chunks of ``scope`` from one tier (by name) or from all; entries deleted.
+
+        scope: ``namespace``, ``tenant`` or ``all`` (see ``Scope``); by default
+        ``tenant`` for a store with a tenant salt, else ``all``. Clearing every
+        tier also drops the scope's pins.
+        """
         targets = [self._tier(tier)] if tier is not None else self.tiers
+        prefix = self._scope_prefix(scope)
         await self.flush()
+        held = [(target, await self._held(target, prefix)) for target in targets]
+        tally = _Tally(
+            sum(len(keys) for _, keys in held),
+            sum(sum(keys.values()) for _, keys in held),
+            progress,
+        )
         deleted = 0
-        for target in targets:
-            keys = [key for key, _ in target.index.eviction_order()]
-            if target.driver.capabilities.listable:
-                keys = list({*keys, *[entry.key async for entry in target.driver.list()]})
-            for start in range(0, len(keys), 1024):
-                batch = keys[start : start + 1024]
+        for target, keys in held:
+            ordered = list(keys)
+            for start in range(0, len(ordered), 1024):
+                batch = ordered[start : start + 1024]
                 existed = await target.call("delete_many", target.driver.delete_many(batch))
                 deleted += sum(existed)
-            for key in keys:
-                target.index.remove(key)
+                for key in batch:
+                    target.index.remove(key)
+                tally.advance(len(batch), sum(keys[key] for key in batch))
         if tier is None:
-            self._pinned.clear()
+            for key in [key for key in self._pinned if key.startswith(prefix)]:
+                self._pinned.discard(key)
+                self._pin_deadlines.pop(key, None)
         return deleted
+
+    async def move(
+        self,
+        source: str,
+        target: str,
+        tokens: TokenIds | None = None,
+        *,
+        migrate: bool = False,
+        scope: Scope | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> MoveResult:
+        """Copy chunks from one tier to another (``migrate``: and delete them from the source).
+
+        tokens: only the chunks of this prompt that ``source`` holds (e.g. warm
+        a prefix from S3 into CPU memory before a burst); by default every chunk
+        of ``scope`` in ``source``. Each chunk is verified and encoded with the
+        target tier's codecs before it is written; a bad one is dropped from
+        the source. The target makes room as for any write (evicting unpinned
+        chunks), and a chunk it cannot take stays where it was.
+        """
+        src, dst = self._tier(source), self._tier(target)
+        if src is dst:
+            raise InvalidArgumentError("move needs two different tiers")
+        held = await self._selected(src, tokens, scope)
+        tally = _Tally(len(held), sum(held.values()), progress)
+        for batch in self._batched(held):
+            values = await self._read(src, batch)
+            fresh: list[_Encoded] = []
+            bad: list[bytes] = []
+            for key, value in zip(batch, values):
+                if value is None:
+                    tally.count("failed")
+                elif key in dst.index:
+                    tally.count("already_there")
+                else:
+                    encoded = await self._recode_verified(src, key, value, dst.codecs)
+                    if encoded is None:
+                        bad.append(key)
+                    else:
+                        fresh.append(_Encoded(key, encoded, dst.codecs, None, self._pool))
+            await self._write(dst, fresh)
+            landed = [chunk for chunk in fresh if chunk.key in dst.index]
+            tally.count("copied", len(landed))
+            tally.count("bytes_copied", sum(len(chunk.view) for chunk in landed))
+            tally.count("failed", len(fresh) - len(landed))
+            tally.count("corrupt", len(bad))
+            await self._drop(src, bad)
+            if migrate:
+                moved = [
+                    key
+                    for key, value in zip(batch, values)
+                    if value is not None and key in dst.index
+                ]
+                await self._drop(src, moved)
+                tally.count("removed", len(moved))
+            tally.advance(len(batch), sum(held[key] for key in batch))
+        counts = tally.counts
+        return MoveResult(
+            chunks=len(held),
+            copied=counts.get("copied", 0),
+            already_there=counts.get("already_there", 0),
+            corrupt=counts.get("corrupt", 0),
+            failed=counts.get("failed", 0),
+            removed=counts.get("removed", 0),
+            bytes_copied=counts.get("bytes_copied", 0),
+        )
+
+    async def compress(
+        self,
+        tier: str,
+        codecs: str,
+        tokens: TokenIds | None = None,
+        *,
+        scope: Scope | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> CompressResult:
+        """Re-encode chunks held by ``tier`` with another codec stack (``zstd:9``, ``raw``).
+
+        tokens / scope select the chunks as for ``move``. Only lossless codecs
+        are accepted: a chunk's KV, and so its key, stays the same. Chunks
+        already encoded with the stack's codecs are left as they are; the
+        tier's configured codecs still apply to new writes.
+        """
+        target = self._tier(tier)
+        stack = self.lossless_stack(codecs)
+        held = await self._selected(target, tokens, scope)
+        tally = _Tally(len(held), sum(held.values()), progress)
+        for batch in self._batched(held):
+            values = await self._read(target, batch)
+            changed: list[tuple[_Encoded, int]] = []
+            bad: list[bytes] = []
+            for key, value in zip(batch, values):
+                if value is None:
+                    tally.count("failed")
+                    continue
+                encoded = await self._recode_verified(target, key, value, stack)
+                if encoded is None:
+                    bad.append(key)
+                elif encoded is value:
+                    tally.count("unchanged")
+                else:
+                    changed.append((_Encoded(key, encoded, stack, None, self._pool), len(value)))
+            for chunk, _ in changed:
+                target.index.remove(chunk.key)
+            await self._write(target, [chunk for chunk, _ in changed])
+            for chunk, old_size in changed:
+                if chunk.key in target.index:
+                    tally.count("recoded")
+                    tally.count("bytes_before", old_size)
+                    tally.count("bytes_after", len(chunk.view))
+                else:
+                    target.index.add(chunk.key, old_size)
+                    tally.count("failed")
+            tally.count("corrupt", len(bad))
+            await self._drop(target, bad)
+            tally.advance(len(batch), sum(held[key] for key in batch))
+        counts = tally.counts
+        return CompressResult(
+            chunks=len(held),
+            recoded=counts.get("recoded", 0),
+            unchanged=counts.get("unchanged", 0),
+            corrupt=counts.get("corrupt", 0),
+            failed=counts.get("failed", 0),
+            bytes_before=counts.get("bytes_before", 0),
+            bytes_after=counts.get("bytes_after", 0),
+        )
+
+    def lossless_stack(self, codecs: str) -> tuple[Codec, ...]:
+        """The codec stack ``codecs`` names (with this store's encryption keys), which
+        must not change KV: what ``compress`` takes."""
+        stack = codec_stack(codecs, self._keys)
+        lossy = [codec.spec() for codec in stack if not codec.lossless]
+        if lossy:
+            raise InvalidArgumentError(
+                f"compress keeps KV unchanged and takes lossless codecs only, got {lossy}"
+            )
+        return stack
+
+    async def health(self, timeout_s: float = 5.0) -> tuple[TierHealth, ...]:
+        """Probe every tier at once with one small call and report its state (``TierHealth``)."""
+        if not (math.isfinite(timeout_s) and timeout_s > 0):
+            raise InvalidArgumentError(f"timeout_s must be positive, got {timeout_s}")
+        return tuple(await asyncio.gather(*(self._probe(tier, timeout_s) for tier in self.tiers)))
+
+    async def _probe(self, tier: Tier, timeout_s: float) -> TierHealth:
+        limit = min(timeout_s, tier.config.timeout_s)
+        error: str | None = None
+        start = time.perf_counter()
+        try:
+            await asyncio.wait_for(tier.driver.contains_many([_PROBE_KEY]), limit)
+        except asyncio.TimeoutError:
+            error = f"no answer within {limit} s"
+        except Exception as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        latency = time.perf_counter() - start
+        stats = tier.stats
+        errors = sum(stats.errors.values())
+        operations = stats.hits + stats.misses + stats.chunks_written + errors
+        return TierHealth(
+            name=tier.name,
+            url=tier.driver.config.redacted_url(),
+            reachable=error is None,
+            latency_s=latency,
+            error=error,
+            errors=errors,
+            error_rate=errors / operations if operations else 0.0,
+            entries=len(tier.index),
+            used_bytes=tier.index.used_bytes,
+            capacity_bytes=tier.capacity,
+        )
+
+    def scope_stats(self, scope: Scope | None = None) -> ScopeStats:
+        """What the tiers hold of ``scope`` (from the store's indexes) and the
+        lookup/retrieve counters of its namespaces: nothing of anyone else's."""
+        prefix = self._scope_prefix(scope)
+        tiers = []
+        for tier in self.tiers:
+            held = [(k, size) for k, size in tier.index.eviction_order() if k.startswith(prefix)]
+            tiers.append(
+                ScopeTierUsage(
+                    name=tier.name,
+                    entries=len(held),
+                    used_bytes=sum(size for _, size in held),
+                    capacity_bytes=tier.capacity,
+                    pinned=sum(1 for key, _ in held if key in self._pinned),
+                )
+            )
+        counters = ScopeCounters()
+        for key, scope_counters in self._scopes.items():
+            if key.startswith(prefix):
+                counters.add(scope_counters)
+        return ScopeStats(scope=self._resolve(scope), tiers=tuple(tiers), counters=counters)
 
     def stats(self) -> StoreStats:
         return StoreStats(
@@ -706,11 +1407,15 @@ class AsyncKVStore:
         raise NotFoundError(f"no tier named {name!r} (tiers: {[t.name for t in self.tiers]})")
 
     async def close(self) -> None:
-        """Finish background writes, then close every driver."""
-        if self._closed:
+        """Finish background writes, then close every driver (a view: nothing)."""
+        if self._closed or self._root is not self:
             return
         await self.flush()
         self._closed = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            await asyncio.gather(self._sweeper, return_exceptions=True)
+        self.metrics.close()
         for writer in self._writers:
             writer.cancel()
         await asyncio.gather(*self._writers, return_exceptions=True)
@@ -719,7 +1424,7 @@ class AsyncKVStore:
         self._executor.shutdown(wait=True)
 
     def _check_open(self) -> None:
-        if self._closed:
+        if self._root._closed:
             raise InvalidArgumentError("the store is closed")
 
     async def _run(self, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -761,8 +1466,17 @@ class KVStore:
         return self._store
 
     @property
+    def loop_thread(self) -> LoopThread:
+        """The loop thread the store's async half runs on."""
+        return self._loop
+
+    @property
     def tiers(self) -> list[Tier]:
         return self._store.tiers
+
+    def scoped(self, namespace: Namespace) -> KVStore:
+        """This store seen through another namespace (see ``AsyncKVStore.scoped``)."""
+        return KVStore(self._store.scoped(namespace), self._loop)
 
     def keys(self, tokens: TokenIds) -> list[bytes]:
         return self._store.keys(tokens)
@@ -776,11 +1490,25 @@ class KVStore:
     def store(self, tokens: TokenIds, kv: torch.Tensor) -> StoreResult:
         return self._loop.run(self._store.store(tokens, kv))
 
+    def named_keys(self, names: Sequence[bytes]) -> list[bytes]:
+        return self._store.named_keys(names)
+
+    def locate(self, keys: Sequence[bytes]) -> tuple[str, ...]:
+        return self._loop.run(self._store.locate(keys))
+
+    def store_chunks(self, keys: Sequence[bytes], chunks: Sequence[torch.Tensor]) -> StoreResult:
+        return self._loop.run(self._store.store_chunks(keys, chunks))
+
+    def retrieve_chunks(
+        self, keys: Sequence[bytes], outs: Sequence[torch.Tensor]
+    ) -> tuple[str, ...]:
+        return self._loop.run(self._store.retrieve_chunks(keys, outs))
+
     def retrieve(self, tokens: TokenIds, out: torch.Tensor | None = None) -> RetrieveResult:
         return self._loop.run(self._store.retrieve(tokens, out))
 
-    def pin(self, tokens: TokenIds) -> int:
-        return self._loop.run(self._store.pin(tokens))
+    def pin(self, tokens: TokenIds, ttl_s: float | None = None) -> int:
+        return self._loop.run(self._store.pin(tokens, ttl_s))
 
     def unpin(self, tokens: TokenIds) -> int:
         return self._loop.run(self._store.unpin(tokens))
@@ -788,8 +1516,35 @@ class KVStore:
     def evict(self, tokens: TokenIds) -> int:
         return self._loop.run(self._store.evict(tokens))
 
-    def clear(self, tier: str | None = None) -> int:
-        return self._loop.run(self._store.clear(tier))
+    def clear(self, tier: str | None = None, *, scope: Scope | None = None) -> int:
+        return self._loop.run(self._store.clear(tier, scope=scope))
+
+    def move(
+        self,
+        source: str,
+        target: str,
+        tokens: TokenIds | None = None,
+        *,
+        migrate: bool = False,
+        scope: Scope | None = None,
+    ) -> MoveResult:
+        return self._loop.run(
+            self._store.move(source, target, tokens, migrate=migrate, scope=scope)
+        )
+
+    def compress(
+        self, tier: str, codecs: str, tokens: TokenIds | None = None, *, scope: Scope | None = None
+    ) -> CompressResult:
+        return self._loop.run(self._store.compress(tier, codecs, tokens, scope=scope))
+
+    def health(self, timeout_s: float = 5.0) -> tuple[TierHealth, ...]:
+        return self._loop.run(self._store.health(timeout_s))
+
+    def scope_stats(self, scope: Scope | None = None) -> ScopeStats:
+        return self._loop.run(self._scope_stats(scope))
+
+    async def _scope_stats(self, scope: Scope | None) -> ScopeStats:
+        return self._store.scope_stats(scope)
 
     def flush(self) -> None:
         self._loop.run(self._store.flush())
@@ -819,11 +1574,24 @@ def open_store(config: StoreConfig | str | Sequence[str], namespace: Namespace) 
 
 
 __all__ = [
+    "STORAGE_KEY_BYTES",
+    "TAG_BYTES",
     "AsyncKVStore",
+    "CompressResult",
     "KVStore",
     "LookupResult",
+    "MoveResult",
+    "Progress",
     "RetrieveResult",
+    "Scope",
+    "ScopeCounters",
+    "ScopeStats",
+    "ScopeTierUsage",
     "StoreResult",
     "StoreStats",
+    "TierHealth",
+    "namespace_tag",
     "open_store",
+    "storage_prefix",
+    "tenant_tag",
 ]

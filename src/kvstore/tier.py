@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import Counter
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from kvstore.codecs import Codec, codec_stack, stack_spec
+from kvstore.codecs import Codec, KeyRing, TensorCodec, codec_stack, lossy_spec, stack_spec
 from kvstore.config import TierConfig
 from kvstore.driver import Driver
-from kvstore.errors import DriverTimeoutError, KVStoreError
+from kvstore.errors import ConfigError, DriverTimeoutError, KVStoreError
 from kvstore.eviction import POLICIES, EvictionPolicy
+from kvstore.metrics import OperationTimings
+
+if TYPE_CHECKING:
+    from kvstore.keys import Namespace
 
 T = TypeVar("T")
 log = logging.getLogger("kvstore.store")
@@ -55,7 +60,16 @@ class Tier:
     truth and lookups also ask the driver.
     """
 
-    def __init__(self, position: int, config: TierConfig, driver: Driver[Any]) -> None:
+    def __init__(
+        self,
+        position: int,
+        config: TierConfig,
+        driver: Driver[Any],
+        *,
+        keys: KeyRing | None = None,
+    ) -> None:
+        """``keys`` are what an ``aesgcm`` stack encrypts with (ConfigError if its key id
+        is missing there)."""
         caps = driver.capabilities
         capacity = config.capacity if config.capacity is not None else caps.capacity_bytes
         if capacity is None:
@@ -73,10 +87,11 @@ class Tier:
         self.driver = driver
         self.name = config.name or f"{position}:{driver.name}"
         self.capacity = capacity
-        self.codecs: tuple[Codec, ...] = codec_stack(config.codecs)
+        self.codecs: tuple[Codec, ...] = codec_stack(config.codecs, keys or KeyRing())
         self.codec_spec = stack_spec(self.codecs)
         self.index: EvictionPolicy = POLICIES[config.eviction]()
         self.stats = TierStats()
+        self.timings = OperationTimings()
         self.shared = caps.shared
         self.reserved = 0
         self.room_lock = asyncio.Lock()
@@ -89,7 +104,9 @@ class Tier:
                 self.index.add(entry.key, entry.size)
 
     async def call(self, operation: str, awaitable: Awaitable[T]) -> T:
-        """Await a driver call within the tier's timeout; errors are counted and re-raised."""
+        """Await a driver call within the tier's timeout; errors are counted and re-raised,
+        durations recorded in ``timings``."""
+        start = time.perf_counter()
         try:
             return await asyncio.wait_for(awaitable, self.config.timeout_s)
         except asyncio.TimeoutError:
@@ -101,6 +118,8 @@ class Tier:
         except Exception as exc:
             self.note_error(operation, exc)
             raise
+        finally:
+            self.timings.observe(operation, time.perf_counter() - start)
 
     def note_error(self, operation: str, exc: BaseException) -> None:
         kind = type(exc).__name__
@@ -110,12 +129,37 @@ class Tier:
         )
 
     def snapshot(self, pinned: set[bytes]) -> TierSnapshot:
+        """The tier's state now; safe from any thread (``KVStore.stats``, a metrics
+        scrape): ``tuple(pinned)`` copies the set in one step, so pins changing on
+        the store's thread cannot break the count."""
         return TierSnapshot(
             name=self.name,
             url=self.driver.config.redacted_url(),
             entries=len(self.index),
             used_bytes=self.index.used_bytes,
             capacity_bytes=self.capacity,
-            pinned=sum(1 for key in pinned if key in self.index),
+            pinned=sum(1 for key in tuple(pinned) if key in self.index),
             stats=self.stats,
         )
+
+
+def check_codecs(tiers: Sequence[Tier], namespace: Namespace) -> None:
+    """ConfigError unless ``namespace.codec`` names the tiers' one lossy codec (``raw``
+    when there is none) and every quantizer can encode ``namespace.layout``.
+
+    Lossy codecs change KV, so keys must say which one did: stores with
+    different lossy settings then never share keys on a shared tier.
+    """
+    lossy = sorted({lossy_spec(tier.codecs) for tier in tiers} - {"raw"})
+    if len(lossy) > 1:
+        raise ConfigError(f"tiers use different lossy codecs {lossy}: a store has at most one")
+    expected = lossy[0] if lossy else "raw"
+    if namespace.codec != expected:
+        raise ConfigError(
+            f"Namespace.codec is {namespace.codec!r} but this store's lossy codec is "
+            f"{expected!r}: open it with Namespace(..., codec={expected!r})"
+        )
+    for tier in tiers:
+        for codec in tier.codecs:
+            if isinstance(codec, TensorCodec):
+                codec.check_layout(namespace.layout)

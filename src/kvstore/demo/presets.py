@@ -1,0 +1,31 @@
+"""Model shapes and defaults of ``kvstore demo`` (no heavy imports: the CLI reads these)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ModelPreset:
+    """The shape of a demo model (Llama architecture)."""
+
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    intermediate_size: int
+    vocab_size: int
+
+
+PRESETS: dict[str, ModelPreset] = {
+    "tiny": ModelPreset(64, 2, 4, 2, 128, 2048),
+    "small": ModelPreset(512, 8, 8, 4, 1408, 8192),
+    "medium": ModelPreset(768, 12, 12, 4, 2048, 16384),
+    "1b": ModelPreset(2048, 16, 32, 8, 8192, 32768),
+}
+"""Model sizes ``--model-size`` offers; ``1b`` has Llama 3.2 1B's layer shapes."""
+
+PRESET_NAMES = tuple(PRESETS)
+DEFAULT_PRESET = "small"
+DEFAULT_CONTEXT = 4096
+DEFAULT_REQUESTS = 12

