@@ -20,11 +20,10 @@ from redis_server import TlsFiles
 
 from kvstore.cli import main
 from kvstore.config import ControlConfig, StoreConfig
-from kvstore.control.auth import AuthenticationError, PermissionDeniedError
 from kvstore.control.client import ControlClient
 from kvstore.control.models import LookupRequest
 from kvstore.control.server import serve_control
-from kvstore.errors import ConfigError
+from kvstore.errors import AuthenticationError, ConfigError, PermissionDeniedError
 from kvstore.keys import Namespace
 from kvstore.layout import KVLayout
 from kvstore.store import AsyncKVStore, KVStore

@@ -14,7 +14,6 @@ import torch
 
 from kvstore.config import ControlConfig, StoreConfig
 from kvstore.control import ADMIN, ControlService, Principal, maybe_start_control_server
-from kvstore.control.auth import PermissionDeniedError
 from kvstore.control.models import (
     ClearRequest,
     LookupRequest,
@@ -22,7 +21,7 @@ from kvstore.control.models import (
     PinRequest,
     UnpinRequest,
 )
-from kvstore.errors import ConfigError, NotFoundError
+from kvstore.errors import ConfigError, NotFoundError, PermissionDeniedError
 from kvstore.keys import Namespace
 from kvstore.layout import KVLayout
 from kvstore.store import AsyncKVStore, KVStore

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 from transformers import (
@@ -252,3 +253,18 @@ def test_sliding_window_models_are_refused() -> None:
     )
     with pytest.raises(NotSupportedError, match="sliding-window"):
         TransformersConnector.open(MistralForCausalLM(config).eval(), cpu_tier())
+
+
+def test_connector_starts_the_control_server_its_config_asks_for() -> None:
+    config = StoreConfig.parse(
+        {"tiers": ["cpu://?capacity=64MiB"], "control": {"enabled": True, "port": 0}}
+    )
+    model = llama()
+    with TransformersConnector.open(model, config) as conn:
+        conn.prefill(prompts(2 * CHUNK, 20)[0])
+        conn.store.flush()
+        url = conn._control.url if conn._control is not None else ""
+        stats = httpx.get(f"{url}/v1/stats", timeout=10).json()
+        assert stats["tiers"][0]["entries"] == 2
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{url}/v1/stats", timeout=2)

@@ -84,6 +84,14 @@ class IntegrityError(KVStoreError):
     """Stored bytes failed verification: corrupt, truncated or foreign."""
 
 
+class AuthenticationError(KVStoreError):
+    """A control request carried no credentials where they are required (HTTP 401)."""
+
+
+class PermissionDeniedError(KVStoreError):
+    """A control request's credentials are wrong or do not allow it (HTTP 403)."""
+
+
 ALL_ERRORS: tuple[type[KVStoreError], ...] = (
     NotFoundError,
     InvalidArgumentError,
@@ -97,4 +105,6 @@ ALL_ERRORS: tuple[type[KVStoreError], ...] = (
     NotSupportedError,
     CapacityError,
     IntegrityError,
+    AuthenticationError,
+    PermissionDeniedError,
 )

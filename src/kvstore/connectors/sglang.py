@@ -30,7 +30,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from sglang.srt.mem_cache.hicache_storage import (
@@ -40,10 +40,14 @@ from sglang.srt.mem_cache.hicache_storage import (
 )
 
 from kvstore.config import StoreConfig
+from kvstore.control import maybe_start_control_server
 from kvstore.errors import ConfigError, InvalidArgumentError, NotSupportedError
 from kvstore.keys import Namespace
 from kvstore.layout import DTYPE_NAMES, KVLayout
 from kvstore.store import KVStore
+
+if TYPE_CHECKING:
+    from kvstore.control import ControlServer
 
 ChunkView = Callable[[torch.Tensor], torch.Tensor]
 _NOT_REGISTERED = "the SGLang host pool is not registered yet (register_mem_pool_host)"
@@ -215,6 +219,7 @@ class KVStoreHiCacheStorage(HiCacheStorage):
         self.suffix = shard_suffix(storage_config)
         self.pages: HostPages | None = None
         self._store: KVStore | None = None
+        self._control: ControlServer | None = None
 
     # ------------------------------------------------------------ set-up
 
@@ -235,6 +240,7 @@ class KVStoreHiCacheStorage(HiCacheStorage):
         )
         self.close()
         self._store = KVStore.open(store_cfg, namespace)
+        self._control = maybe_start_control_server(self._store)
         self.pages = pages
 
     @property
@@ -351,7 +357,11 @@ class KVStoreHiCacheStorage(HiCacheStorage):
         self.store.clear(scope="namespace")
 
     def close(self) -> None:
-        """Finish background writes and close the store (SGLang calls this on detach)."""
+        """Stop the control server, finish background writes and close the store
+        (SGLang calls this on detach)."""
+        if self._control is not None:
+            control, self._control = self._control, None
+            control.close()
         if self._store is not None:
             store, self._store = self._store, None
             store.close()

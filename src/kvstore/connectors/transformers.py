@@ -23,7 +23,7 @@ import inspect
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import blake3
 import torch
@@ -33,10 +33,14 @@ from transformers.cache_utils import DynamicLayer
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from kvstore.config import StoreConfig
+from kvstore.control import maybe_start_control_server
 from kvstore.errors import InvalidArgumentError, NotSupportedError
 from kvstore.keys import Namespace
 from kvstore.layout import DTYPE_NAMES, KVLayout
 from kvstore.store import KVStore, StoreResult, open_store
+
+if TYPE_CHECKING:
+    from kvstore.control import ControlServer
 
 __all__ = [
     "Generation",
@@ -278,6 +282,7 @@ class TransformersConnector:
         self.chunk_tokens = namespace.chunk_tokens
         self.min_recompute = min_recompute
         self._owns_store = owns_store
+        self._control: ControlServer | None = None
         parameters = inspect.signature(model.forward).parameters
         self.cache_argument = "cache" if "cache" in parameters else "past_key_values"
         self._keep_last = "logits_to_keep" in parameters
@@ -315,10 +320,12 @@ class TransformersConnector:
         )
         store = open_store(config, namespace)
         try:
-            return cls(model, store, min_recompute=min_recompute, owns_store=True)
+            connector = cls(model, store, min_recompute=min_recompute, owns_store=True)
+            connector._control = maybe_start_control_server(store)
         except BaseException:
             store.close()
             raise
+        return connector
 
     def _check_cache_layers(self) -> None:
         cache = DynamicCache(config=self.model.config)
@@ -499,7 +506,10 @@ class TransformersConnector:
     # ------------------------------------------------------------------ close
 
     def close(self) -> None:
-        """Close the store if ``open`` opened it."""
+        """Stop the control server and close the store, if ``open`` started them."""
+        if self._control is not None:
+            control, self._control = self._control, None
+            control.close()
         if self._owns_store:
             self.store.close()
 

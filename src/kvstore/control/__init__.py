@@ -12,15 +12,10 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from kvstore.errors import ConfigError
+from kvstore.errors import AuthenticationError, ConfigError, PermissionDeniedError
 
 if TYPE_CHECKING:
-    from kvstore.control.auth import (
-        ADMIN,
-        AuthenticationError,
-        PermissionDeniedError,
-        Principal,
-    )
+    from kvstore.control.auth import ADMIN, Principal
     from kvstore.control.client import ControlClient
     from kvstore.control.server import (
         ControlServer,
@@ -33,8 +28,6 @@ if TYPE_CHECKING:
 
 _HOMES = {
     "ADMIN": "kvstore.control.auth",
-    "AuthenticationError": "kvstore.control.auth",
-    "PermissionDeniedError": "kvstore.control.auth",
     "Principal": "kvstore.control.auth",
     "ControlClient": "kvstore.control.client",
     "ControlServer": "kvstore.control.server",

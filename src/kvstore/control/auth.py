@@ -18,15 +18,7 @@ from dataclasses import dataclass
 from pydantic import SecretStr
 
 from kvstore.config import ControlConfig
-from kvstore.errors import ConfigError, KVStoreError
-
-
-class AuthenticationError(KVStoreError):
-    """A control request carried no credentials where they are required (HTTP 401)."""
-
-
-class PermissionDeniedError(KVStoreError):
-    """A control request's credentials are wrong or do not allow it (HTTP 403)."""
+from kvstore.errors import AuthenticationError, ConfigError, PermissionDeniedError
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,6 @@ from typing import Any, TypeVar
 import httpx
 from pydantic import BaseModel, ValidationError
 
-from kvstore.control.auth import AuthenticationError, PermissionDeniedError
 from kvstore.control.models import (
     ClearRequest,
     CompressRequest,
@@ -32,9 +31,11 @@ from kvstore.control.models import (
 )
 from kvstore.errors import (
     ALL_ERRORS,
+    AuthenticationError,
     DriverUnavailableError,
     InvalidArgumentError,
     KVStoreError,
+    PermissionDeniedError,
 )
 
 M = TypeVar("M", bound=BaseModel)

@@ -30,12 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from kvstore.config import ControlConfig
-from kvstore.control.auth import (
-    AuthenticationError,
-    Credentials,
-    PermissionDeniedError,
-    Principal,
-)
+from kvstore.control.auth import Credentials, Principal
 from kvstore.control.models import (
     ClearRequest,
     CompressRequest,
@@ -53,6 +48,7 @@ from kvstore.control.models import (
 )
 from kvstore.control.service import ControlService
 from kvstore.errors import (
+    AuthenticationError,
     CapacityError,
     ConfigError,
     DriverUnavailableError,
@@ -60,6 +56,7 @@ from kvstore.errors import (
     KVStoreError,
     NotFoundError,
     NotSupportedError,
+    PermissionDeniedError,
     TransientError,
 )
 from kvstore.keys import Namespace

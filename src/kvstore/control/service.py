@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from kvstore.config import ControlConfig
-from kvstore.control.auth import ADMIN, PermissionDeniedError, Principal, secret_value
+from kvstore.control.auth import ADMIN, Principal, secret_value
 from kvstore.control.jobs import JobManager
 from kvstore.control.models import (
     ClearRequest,
@@ -38,7 +38,13 @@ from kvstore.control.models import (
     TierUsage,
     UnpinRequest,
 )
-from kvstore.errors import ConfigError, InvalidArgumentError, NotFoundError, NotSupportedError
+from kvstore.errors import (
+    ConfigError,
+    InvalidArgumentError,
+    NotFoundError,
+    NotSupportedError,
+    PermissionDeniedError,
+)
 from kvstore.keys import Namespace
 from kvstore.store import AsyncKVStore
 
