@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -482,3 +483,21 @@ def test_quantizers_run_on_cuda() -> None:
         step = 2**-3 if spec == "fp8" else 2**-7
         tolerance = expected.float().abs() * step + 1e-6
         assert ((out.cpu().float() - expected.float()).abs() <= tolerance).all(), spec
+
+
+def test_one_zstd_codec_serves_many_threads_at_once() -> None:
+    """zstandard's objects are not thread safe; the store runs one codec on many threads."""
+    codecs = codec_stack("shuffle+zstd")
+    layout = KVLayout(num_layers=4, num_kv_heads=4, head_dim=64, dtype="float16")
+    samples = [sample_kv(layout, tokens=256, seed=seed) for seed in range(8)]
+
+    def round_trips(kv: torch.Tensor) -> bool:
+        for _ in range(4):
+            data = encode_chunk(KEY, kv, codecs=codecs)
+            restored = decode_chunk(data, key=KEY, layout=layout, tokens=256)
+            if not torch.equal(restored, kv):
+                return False
+        return True
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        assert all(pool.map(round_trips, samples))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import threading
 
 import lz4.block
 import numpy as np
@@ -42,7 +43,11 @@ class Lz4Codec(ByteCodec):
 
 
 class ZstdCodec(ByteCodec):
-    """Zstandard compression at a chosen level (the level is not needed to decode)."""
+    """Zstandard compression at a chosen level (the level is not needed to decode).
+
+    zstandard's compressor and decompressor objects are not thread safe, and
+    the store runs codecs on a thread pool: each thread gets its own pair.
+    """
 
     id = 2
     name = "zstd"
@@ -51,8 +56,23 @@ class ZstdCodec(ByteCodec):
         if not -7 <= level <= 22:
             raise ConfigError(f"zstd level must be in [-7, 22], got {level}")
         self.level = level
-        self._compressor = zstandard.ZstdCompressor(level=level, write_content_size=True)
-        self._decompressor = zstandard.ZstdDecompressor()
+        self._local = threading.local()
+
+    @property
+    def _compressor(self) -> zstandard.ZstdCompressor:
+        compressor: zstandard.ZstdCompressor | None = getattr(self._local, "compressor", None)
+        if compressor is None:
+            compressor = zstandard.ZstdCompressor(level=self.level, write_content_size=True)
+            self._local.compressor = compressor
+        return compressor
+
+    @property
+    def _decompressor(self) -> zstandard.ZstdDecompressor:
+        decompressor: zstandard.ZstdDecompressor | None = getattr(self._local, "decompressor", None)
+        if decompressor is None:
+            decompressor = zstandard.ZstdDecompressor()
+            self._local.decompressor = decompressor
+        return decompressor
 
     def encode(self, data: memoryview, context: ChunkContext) -> Buffer:
         return self._compressor.compress(data)

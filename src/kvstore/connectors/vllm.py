@@ -60,6 +60,7 @@ from kvstore.connectors.vllm_lookup import (
 )
 from kvstore.connectors.vllm_options import ConnectorOptions, weights_revision
 from kvstore.connectors.vllm_paged import Backend, block_slots, layer_cache, layer_order
+from kvstore.control import maybe_start_control_server
 from kvstore.errors import NotSupportedError
 from kvstore.keys import Namespace
 from kvstore.layout import DTYPE_NAMES, KVLayout
@@ -76,6 +77,8 @@ if TYPE_CHECKING:
     from vllm.v1.kv_cache_interface import KVCacheConfig
     from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
+
+    from kvstore.control import ControlServer
 
 log = logging.getLogger("kvstore.connectors.vllm")
 
@@ -225,6 +228,11 @@ class KVStoreConnector(KVConnectorBase_V1):
             self._scheduler = _SchedulerSide(self)
         else:
             self._worker = _WorkerSide(self, vllm_config)
+
+    @classmethod
+    def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:
+        """Yes: loads and saves run between layers, which a whole-model CUDA graph would skip."""
+        return True
 
     # -------------------------------------------------------- scheduler API
 
@@ -592,6 +600,7 @@ class _WorkerSide:
         self._layout: KVLayout | None = None
         self._save_slots: dict[str, torch.Tensor] = {}
         self._server: LookupServer | None = None
+        self._control: ControlServer | None = None
         self._job: _LoadJob | None = None
         self._pending: dict[str, _Pending] = {}
         self._inflight = _InflightSaves()
@@ -665,6 +674,7 @@ class _WorkerSide:
             address = self._connector._address
             register_local(address, self._lookup)
             self._server = LookupServer(address, self._connector._authkey, self._lookup)
+            self._control = maybe_start_control_server(self._store)
         log.info(
             "kvstore connector: %d layers (%s backend), %s, chunks of %d tokens, tiers %s",
             len(self.caches),
@@ -810,6 +820,9 @@ class _WorkerSide:
     def close(self) -> None:
         self._finish_load()
         self._inflight.drain(0)
+        if self._control is not None:
+            control, self._control = self._control, None
+            control.close()
         if self._server is not None:
             unregister_local(self._server.address)
             self._server.close()
