@@ -348,6 +348,22 @@ async def test_pages_being_read_outlive_a_delete_and_overwrite() -> None:
         await driver.close()
 
 
+async def test_a_loan_holds_only_the_values_it_lends(driver: CpuDriver) -> None:
+    page = 64 * KiB
+    await driver.put_many(
+        [(b"a", pattern(1, page)), (b"gap", pattern(2, page)), (b"b", pattern(3, page))]
+    )
+    await driver.delete_many([b"gap"])
+    await driver.put_many([(b"split", pattern(4, 2 * page))])  # pages 1 and 3: two runs
+    free = driver.free_bytes
+    async with driver.borrow_many([b"a", b"split"]) as (lent, split):
+        assert lent is not None and split is None
+        assert await driver.delete_many([b"a", b"split"]) == [True, True]
+        assert driver.free_bytes == free + 2 * page  # the value not lent is freed at once
+        assert bytes(lent) == pattern(1, page)
+    assert driver.free_bytes == free + 3 * page  # the lent one when the loan ends
+
+
 def test_concurrent_threads_never_see_torn_values() -> None:
     loop = LoopThread("cpu-driver-test")
     config = CpuConfig(capacity=64 * MiB, page_size=64 * KiB, pin="none")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -14,6 +15,7 @@ import torch
 
 from kvstore.config import StoreConfig
 from kvstore.conformance.faults import FaultPlan, FaultyDriver
+from kvstore.drivers.cpu.pages import pages_for
 from kvstore.errors import ConfigError, IntegrityError, InvalidArgumentError, TransientError
 from kvstore.keys import Namespace
 from kvstore.layout import KVLayout
@@ -338,6 +340,109 @@ async def test_drop_policy_bounds_the_queue(tmp_path: Path) -> None:
         await store.flush()
         snapshot = store.stats().tiers[1]
         assert snapshot.stats.dropped_writes + snapshot.entries == 16
+    finally:
+        await store.close()
+
+
+# ------------------------------------------------------------ reads hold their room
+
+
+class HeldReads(FaultyDriver):
+    """A driver whose ``get_many``, while ``hold`` is set, waits for ``resume``: it
+    keeps a retrieve in flight, its later batches read ahead from the tier above."""
+
+    def __init__(self, config: Any, inner: Any) -> None:
+        super().__init__(config, inner)
+        self.hold = False
+        self.waiting = asyncio.Event()
+        self.resume = asyncio.Event()
+
+    async def _get_many(
+        self, keys: list[bytes], into: list[memoryview | None] | None
+    ) -> list[memoryview | None]:
+        if self.hold:
+            self.waiting.set()
+            await self.resume.wait()
+        return await super()._get_many(keys, into)
+
+
+@pytest.mark.parametrize("dropped_by", ["eviction", "evict"])
+async def test_chunks_on_loan_keep_their_room(tmp_path: Path, dropped_by: str) -> None:
+    """A cpu tier whose arena holds exactly its capacity of chunks: the chunks a
+    retrieve has on loan keep their pages after they are dropped, so the store
+    evicts others to make room rather than failing its put on a full arena."""
+    page = 4096
+    arena = 6 * pages_for(CHUNK_BYTES, page) * page
+    cpu = await open_driver(f"cpu://?capacity={arena}&page_size={page}&pin=none")
+    nvme = HeldReads.wrap(
+        await open_driver(f"nvme://{tmp_path}?capacity=64MiB"), FaultPlan(probability=0.0)
+    )
+    assert isinstance(nvme, HeldReads)
+    cfg = config({"url": cpu.config.to_url(), "capacity": 6 * CHUNK_BYTES}, f"nvme://{tmp_path}")
+    store = await AsyncKVStore.open(cfg, NAMESPACE, drivers=[cpu, nvme])
+    first, second = store.tiers
+    try:
+        ids, kv = prompt(60, 4 * CHUNK)
+        await store.store(ids, kv)
+        await store.store(*prompt(61, 2 * CHUNK))  # the cpu tier is full
+        await store.flush()
+        await store.move(first.name, second.name, ids[:CHUNK], migrate=True)
+        assert (await store.lookup(ids)).chunk_tiers == (second.name,) + (first.name,) * 3
+        nvme.hold = True
+        retrieve = asyncio.create_task(store.retrieve(ids))
+        await nvme.waiting.wait()  # chunk 0 is read from nvme, chunks 1-3 lent by cpu
+        if dropped_by == "evict":
+            assert await store.pin(ids[:CHUNK]) == 1
+            assert await store.evict(ids) == 3  # chunks 1-3, from both tiers
+        result = await store.store(*prompt(62, 2 * CHUNK))
+        assert result.written == 2
+        assert not first.stats.errors
+        nvme.resume.set()
+        loaded = await retrieve
+        assert loaded.chunk_tiers == (second.name,) + (first.name,) * 3
+        assert loaded.kv is not None and torch.equal(loaded.kv, kv)
+        await store.flush()
+        assert not first.stats.errors
+        assert (await cpu.usage()).bytes == first.index.used_bytes <= first.capacity
+    finally:
+        nvme.resume.set()
+        await store.close()
+
+
+async def test_concurrent_reads_and_writes_fit_an_arena_sized_to_the_tier(tmp_path: Path) -> None:
+    """Retrieves from both tiers while stores and promotions evict: every put fits
+    the cpu arena, which has pages for exactly the tier's capacity of chunks."""
+    page = 4096
+    chunks = 12
+    arena = chunks * pages_for(CHUNK_BYTES, page) * page
+    cfg = config(
+        {
+            "url": f"cpu://?capacity={arena}&page_size={page}&pin=none",
+            "capacity": chunks * CHUNK_BYTES,
+        },
+        f"nvme://{tmp_path}?capacity=64MiB",
+        io_batch_bytes=2 * CHUNK_BYTES,
+    )
+    store = await AsyncKVStore.open(cfg, NAMESPACE)
+    prompts = [prompt(70 + seed, 6 * CHUNK) for seed in range(12)]
+
+    async def worker(seed: int) -> None:
+        draw = random.Random(seed)
+        for _ in range(60):
+            ids, kv = draw.choice(prompts)
+            if draw.random() < 0.5:
+                await store.store(ids, kv)
+            else:
+                loaded = await store.retrieve(ids)
+                assert loaded.kv is None or torch.equal(loaded.kv, kv[:, :, : loaded.tokens])
+
+    try:
+        await asyncio.gather(*(worker(seed) for seed in range(4)))
+        await store.flush()
+        first = store.tiers[0]
+        assert first.stats.evictions > 0
+        assert not first.stats.errors
+        assert first.held_bytes == 0
     finally:
         await store.close()
 

@@ -15,7 +15,9 @@ MiB = 1 << 20
 class LoanTests(DriverTestBase):
     """Every driver: ``borrow_many`` answers with views or ``None``, never wrong
     bytes. Drivers with ``lends_views=True``: values are lent, read-only, and
-    stay intact for the whole loan while the keys are overwritten or deleted."""
+    stay intact for the whole loan while the keys are overwritten or deleted;
+    with a ``capacity_bytes`` too, a lent value deleted during its loan gives its
+    room back once the loan ends."""
 
     conformance_area: ClassVar[str] = "loans"
 
@@ -58,3 +60,33 @@ class LoanTests(DriverTestBase):
         for got, value in zip(harness.run(borrow_then_change()), values):
             if got is not None:
                 assert_value(got, value, "a lent value after its key changed")
+
+    def test_room_of_a_deleted_lent_value_returns_when_the_loan_ends(
+        self, harness: DriverHarness
+    ) -> None:
+        if not harness.capabilities.lends_views:
+            pytest.skip("capability lends_views=False: the driver lends no views")
+        free = harness.free_bytes()
+        if free is None:
+            pytest.skip("capability capacity_bytes=None: no hard capacity to test")
+        size = free * 6 // 10
+        if size > self.max_fill_bytes:
+            pytest.skip(
+                f"needs {2 * size} bytes written, over max_fill_bytes={self.max_fill_bytes}"
+            )
+        harness.require_value_size(size)
+        filler = memoryview(bytes(size))
+        key = harness.key("lent")
+        harness.put([(key, filler)])
+
+        async def lend_then_delete() -> bool:
+            async with harness.driver.borrow_many([key]) as (view,):
+                if view is not None:
+                    assert await harness.driver.delete_many([key]) == [True]
+                return view is not None
+
+        if not harness.run(lend_then_delete()):
+            pytest.skip("the driver lent no view of the value")
+        other = harness.key("after")
+        harness.put([(other, filler)])  # needs the lent value's room: 60% + 60% > 100%
+        assert harness.contains([key, other]) == [False, True]

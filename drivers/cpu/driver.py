@@ -4,10 +4,11 @@ The arena has a hard capacity and is cut into fixed-size pages; a value
 takes the lowest free pages it needs (see ``pages.py``), so churn never
 fragments it. A put reserves pages under the lock, copies outside it and
 publishes under it, so readers see the old value or the new one, never half
-of one. A reader pins the entry while it copies, so an overwrite or delete
-frees the pages only when the last reader is done. Copies of 1 MiB or more
-are split across a small thread pool (numpy copies release the GIL) so the
-event loop stays free and a big value moves at memcpy speed.
+of one. A reader pins the entry while it copies, and a loan the entries it
+lends, so an overwrite or delete frees the pages only when the last reader or
+loan is done. Copies of 1 MiB or more are split across a small thread pool
+(numpy copies release the GIL) so the event loop stays free and a big value
+moves at memcpy speed.
 
 One driver serves one event loop; its copies run on its worker threads.
 """
@@ -293,9 +294,16 @@ class CpuDriver(Driver[CpuConfig]):
             for entry in entries:
                 self._pages.release(entry.pages)
 
-    def _pin(self, keys: list[bytes]) -> list[_Entry | None]:
+    def _pin(self, keys: list[bytes], *, one_run: bool = False) -> list[_Entry | None]:
+        """The entries of ``keys``, pinned so their pages outlive an overwrite or
+        delete; ``None`` where absent or, with ``one_run``, held in several runs."""
         with self._lock:
             entries = [self._entries.get(key) for key in keys]
+            if one_run:
+                entries = [
+                    entry if entry is not None and len(entry.segments) <= 1 else None
+                    for entry in entries
+                ]
             for entry in entries:
                 if entry is not None:
                     entry.readers += 1
@@ -372,9 +380,9 @@ def _split(pairs: list[CopyPair], count: int) -> list[list[CopyPair]]:
 class _Loan:
     """Read-only views of arena values held in one contiguous run, for one ``async with``.
 
-    The lent entries are pinned like a reader's, so an overwrite or delete
-    meanwhile leaves their pages alone until the loan ends, and ``close`` waits
-    for it.
+    The lent entries, and only those, are pinned like a reader's, so an
+    overwrite or delete meanwhile leaves their pages alone until the loan ends
+    (a value not lent is freed at once), and ``close`` waits for it.
     """
 
     def __init__(self, driver: CpuDriver, keys: list[bytes]) -> None:
@@ -385,11 +393,11 @@ class _Loan:
 
     async def __aenter__(self) -> list[memoryview | None]:
         self._call.__enter__()
-        self._entries = self._driver._pin(self._keys)
+        self._entries = self._driver._pin(self._keys, one_run=True)
         arena = self._driver._memory.array
         views: list[memoryview | None] = []
         for entry in self._entries:
-            if entry is None or len(entry.segments) > 1:
+            if entry is None:
                 views.append(None)
                 continue
             offset = entry.segments[0][0] if entry.segments else 0

@@ -703,17 +703,18 @@ class AsyncKVStore:
         finally:
             tier.reserved -= cost
         for chunk in fitting:
-            tier.index.add(chunk.key, len(chunk.view))
+            tier.record(chunk.key, len(chunk.view))
         tier.stats.chunks_written += len(fitting)
         tier.stats.bytes_written += cost
         return len(fitting)
 
     async def _reserve(self, tier: Tier, size: int) -> bool:
-        """Make room for ``size`` more bytes in ``tier`` and reserve them."""
+        """Make room for ``size`` more bytes in ``tier`` and reserve them. It evicts
+        again if a read borrowed a victim before the driver deleted it: that
+        victim keeps its room until the loan ends."""
         async with tier.room_lock:
-            need = tier.index.used_bytes + tier.reserved + size - tier.capacity
-            if need > 0:
-                victims = tier.index.victims(need, self._is_pinned)
+            while (need := tier.occupied_bytes + size - tier.capacity) > 0:
+                victims = tier.victims(need, self._is_pinned)
                 if victims is None:
                     return False
                 await self._evict_from(tier, [key for key, _ in victims])
@@ -725,11 +726,9 @@ class AsyncKVStore:
         below = self.tiers[tier.position + 1] if tier.position + 1 < len(self.tiers) else None
         if below is not None and tier.config.write_policy == "write-back":
             await self._hand_down(tier, below, [k for k in keys if k not in below.index])
-        for key in keys:
-            tier.index.remove(key)
         tier.stats.evictions += len(keys)
         try:
-            await tier.call("delete_many", tier.driver.delete_many(keys))
+            await tier.delete(keys)
         except Exception:
             log.warning("tier %s: evicted chunks could not be deleted", tier.name)
 
@@ -916,7 +915,7 @@ class AsyncKVStore:
         if tier.driver.capabilities.lends_views:
             start = time.perf_counter()
             try:
-                values = list(await reads.loans.enter_async_context(tier.driver.borrow_many(keys)))
+                values = list(await reads.loans.enter_async_context(tier.borrow(keys)))
             except DriverUnavailableError as exc:
                 tier.note_error("borrow_many", exc)
                 return values
@@ -929,13 +928,12 @@ class AsyncKVStore:
             return values
         buffers = [self._pool.acquire(self._chunk_size) for _ in missing]
         reads.buffers.extend(buffers)
+        wanted = [keys[i] for i in missing]
         try:
-            found = await tier.call(
-                "get_many",
-                tier.driver.get_many(
-                    [keys[i] for i in missing], into=[byte_view(b) for b in buffers]
-                ),
-            )
+            with tier.reading(wanted):
+                found = await tier.call(
+                    "get_many", tier.driver.get_many(wanted, into=[byte_view(b) for b in buffers])
+                )
         except Exception:
             return values
         for i, value in zip(missing, found):
@@ -948,8 +946,7 @@ class AsyncKVStore:
         """Verify and copy one chunk into ``out``; drop a bad copy from its tier."""
         if value is None:
             tier.stats.misses += 1
-            if key in tier.index:
-                tier.index.remove(key)
+            tier.forget(key)
             return False
         try:
             await self._run(
@@ -966,9 +963,8 @@ class AsyncKVStore:
         except IntegrityError as exc:
             tier.stats.integrity_failures += 1
             tier.note_error("decode", exc)
-            tier.index.remove(key)
             try:
-                await tier.call("delete_many", tier.driver.delete_many([key]))
+                await tier.delete([key])
             except Exception:
                 log.warning("tier %s: a corrupt chunk could not be deleted", tier.name)
             return False
@@ -1074,10 +1070,8 @@ class AsyncKVStore:
             held = [key for key in keys if key in tier.index or tier.shared]
             if not held:
                 continue
-            for key in held:
-                tier.index.remove(key)
             try:
-                existed = await tier.call("delete_many", tier.driver.delete_many(held))
+                existed = await tier.delete(held)
             except Exception:
                 continue
             dropped.update(key for key, was in zip(held, existed) if was)
@@ -1147,10 +1141,8 @@ class AsyncKVStore:
 
     async def _drop(self, tier: Tier, keys: list[bytes]) -> None:
         """Delete ``keys`` from ``tier`` and its index."""
-        for key in keys:
-            tier.index.remove(key)
         if keys:
-            await tier.call("delete_many", tier.driver.delete_many(keys))
+            await tier.delete(keys)
 
     async def _recode_verified(
         self, tier: Tier, key: bytes, value: memoryview, codecs: tuple[Codec, ...]
@@ -1190,10 +1182,8 @@ class AsyncKVStore:
             ordered = list(keys)
             for start in range(0, len(ordered), 1024):
                 batch = ordered[start : start + 1024]
-                existed = await target.call("delete_many", target.driver.delete_many(batch))
+                existed = await target.delete(batch)
                 deleted += sum(existed)
-                for key in batch:
-                    target.index.remove(key)
                 tally.advance(len(batch), sum(keys[key] for key in batch))
         if tier is None:
             for key in [key for key in self._pinned if key.startswith(prefix)]:
@@ -1303,7 +1293,7 @@ class AsyncKVStore:
                 else:
                     changed.append((_Encoded(key, encoded, stack, None, self._pool), len(value)))
             for chunk, _ in changed:
-                target.index.remove(chunk.key)
+                target.forget(chunk.key)
             await self._write(target, [chunk for chunk, _ in changed])
             for chunk, old_size in changed:
                 if chunk.key in target.index:

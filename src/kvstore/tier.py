@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Awaitable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -58,6 +59,12 @@ class Tier:
     ``index`` is the store's view of what the tier holds (keys and sizes, in
     eviction order). For tiers that other writers share, it is a cache of the
     truth and lookups also ask the driver.
+
+    Room is counted as ``index.used_bytes`` plus ``reserved`` (puts under way)
+    plus ``held_bytes``: values dropped from the index while the store was
+    reading them, which a driver may keep until the read ends (a loan from
+    ``borrow_many`` keeps them intact, so it keeps their room too), or is
+    still deleting (``delete``). So evictions make real room, and puts fit.
     """
 
     def __init__(
@@ -94,7 +101,10 @@ class Tier:
         self.timings = OperationTimings()
         self.shared = caps.shared
         self.reserved = 0
+        self.held_bytes = 0
         self.room_lock = asyncio.Lock()
+        self._reading: Counter[bytes] = Counter()
+        self._held: dict[bytes, int] = {}
 
     async def load_index(self) -> None:
         """Fill the index from the driver, for persistent tiers reopened."""
@@ -102,6 +112,80 @@ class Tier:
         if caps.listable and not caps.shared:
             async for entry in self.driver.list():
                 self.index.add(entry.key, entry.size)
+
+    @property
+    def occupied_bytes(self) -> int:
+        """Bytes counted against ``capacity``: indexed, reserved and held."""
+        return self.index.used_bytes + self.reserved + self.held_bytes
+
+    @contextlib.contextmanager
+    def reading(self, keys: Sequence[bytes]) -> Iterator[None]:
+        """Count ``keys`` as being read for the block: ``victims`` passes them over,
+        and ``forget`` keeps the bytes of one dropped meanwhile in ``held_bytes``
+        until its last read ends."""
+        self._begin_reading(keys)
+        try:
+            yield
+        finally:
+            self._end_reading(keys)
+
+    @contextlib.asynccontextmanager
+    async def borrow(self, keys: list[bytes]) -> AsyncIterator[list[memoryview | None]]:
+        """``driver.borrow_many(keys)``, each lent key counted as being read until the
+        loan has ended (and the driver has let its room go); the others as soon as
+        the loan has begun."""
+        self._begin_reading(keys)
+        lent = keys
+        try:
+            async with self.driver.borrow_many(keys) as views:
+                lent = [key for key, view in zip(keys, views) if view is not None]
+                self._end_reading([key for key, view in zip(keys, views) if view is None])
+                yield views
+        finally:
+            self._end_reading(lent)
+
+    def _begin_reading(self, keys: Sequence[bytes]) -> None:
+        self._reading.update(keys)
+
+    def _end_reading(self, keys: Sequence[bytes]) -> None:
+        self._reading.subtract(keys)
+        for key in dict.fromkeys(keys):
+            if self._reading[key] <= 0:
+                del self._reading[key]
+                self.held_bytes -= self._held.pop(key, 0)
+
+    def forget(self, key: bytes) -> int:
+        """Drop ``key`` from the index; its size, or 0 if it was not held. The size
+        of a key being read stays counted in ``held_bytes`` until the read ends."""
+        size = self.index.remove(key)
+        if size and key in self._reading:
+            self._held[key] = self._held.get(key, 0) + size
+            self.held_bytes += size
+        return size
+
+    def record(self, key: bytes, size: int) -> None:
+        """Index a value just put; a value of the key it replaced that is being read
+        stays counted (``forget``) until the read ends."""
+        self.forget(key)
+        self.index.add(key, size)
+
+    async def delete(self, keys: list[bytes]) -> list[bool]:
+        """``forget`` ``keys`` and delete them from the driver (they stay forgotten
+        when the call fails; its error is re-raised). Until the driver answers they
+        count as being read, so their room stays counted for a read that begins
+        meanwhile and still gets a value."""
+        self._begin_reading(keys)
+        try:
+            for key in keys:
+                self.forget(key)
+            return await self.call("delete_many", self.driver.delete_many(keys))
+        finally:
+            self._end_reading(keys)
+
+    def victims(self, need: int, pinned: Callable[[bytes], bool]) -> list[tuple[bytes, int]] | None:
+        """Keys to evict to free ``need`` bytes, neither pinned nor being read, or
+        ``None`` if they cannot free that much."""
+        return self.index.victims(need, lambda key: key in self._reading or pinned(key))
 
     async def call(self, operation: str, awaitable: Awaitable[T]) -> T:
         """Await a driver call within the tier's timeout; errors are counted and re-raised,
