@@ -41,32 +41,6 @@ from pathlib import Path
 from typing import Any
 
 
-def build_model(path: Path, layers: int, hidden: int, heads: int, seed: int) -> None:
-    """A Llama with ``seed``-ed random weights, saved as safetensors."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=512,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        head_dim=hidden // heads,
-        max_position_embeddings=8192,
-        tie_word_embeddings=False,
-        eos_token_id=None,
-        bos_token_id=None,
-    )
-    model = LlamaForCausalLM(config).to(torch.float32)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.normal_(0.0, 0.05)
-    model.save_pretrained(path, safe_serialization=True)
-
-
 def run_engine(
     name: str,
     model: Path,
@@ -193,7 +167,18 @@ def main(argv: list[str]) -> int:
     }
     with tempfile.TemporaryDirectory(prefix="kvstore-vllm-bench-") as scratch:
         model = Path(scratch) / "model"
-        build_model(model, args.layers, args.hidden, args.heads, args.seed)
+        from kvstore.demo.model import save_random_llama
+
+        save_random_llama(
+            model,
+            layers=args.layers,
+            hidden=args.hidden,
+            heads=args.heads,
+            kv_heads=args.heads,
+            seed=args.seed,
+            std=0.05,
+            max_positions=8192,
+        )
         engines = [
             ("vllm", None, False),
             ("vllm+kvstore", kv, False),

@@ -43,32 +43,6 @@ from typing import Any
 NVME_HEADER_BYTES = 4096
 
 
-def build_model(path: Path, layers: int, hidden: int, heads: int, kv_heads: int, seed: int) -> None:
-    """A Llama with ``seed``-ed random weights (scaled so logits spread), as safetensors."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=512,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        head_dim=hidden // heads,
-        max_position_embeddings=4096,
-        tie_word_embeddings=False,
-        eos_token_id=None,
-        bos_token_id=None,
-    )
-    model = LlamaForCausalLM(config).to(torch.float32)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.normal_(0.0, 0.2)
-    model.save_pretrained(path, safe_serialization=True)
-
-
 def corrupt_tier(directory: Path) -> int:
     """Overwrite every stored value's bytes past the nvme file header; files touched."""
     touched = 0
@@ -184,7 +158,17 @@ def main(argv: list[str]) -> None:
     run.add_argument("result", type=Path)
     args = parser.parse_args(argv)
     if args.command == "build":
-        build_model(args.path, args.layers, args.hidden, args.heads, args.kv_heads, args.seed)
+        from kvstore.demo.model import save_random_llama
+
+        save_random_llama(
+            args.path,
+            layers=args.layers,
+            hidden=args.hidden,
+            heads=args.heads,
+            kv_heads=args.kv_heads,
+            seed=args.seed,
+            std=0.2,
+        )
     else:
         run_plan(args.plan, args.result)
 

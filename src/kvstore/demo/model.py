@@ -9,6 +9,7 @@ over a seeded vocabulary of made-up words plus chat-role tokens.
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer
@@ -82,3 +83,40 @@ def build_model(
 
 def parameter_count(model: torch.nn.Module) -> int:
     return sum(parameter.numel() for parameter in model.parameters())
+
+
+def save_random_llama(
+    path: Path,
+    *,
+    layers: int,
+    hidden: int,
+    heads: int,
+    kv_heads: int,
+    seed: int,
+    std: float,
+    vocab_size: int = 512,
+    max_positions: int = 4096,
+) -> None:
+    """Save a Llama with weights drawn from N(0, ``std``) under ``seed`` as safetensors,
+    for engines that load a checkpoint (vLLM); a larger ``std`` spreads the logits, so
+    outputs depend on every bit of the KV."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=hidden // heads,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=False,
+        eos_token_id=None,
+        bos_token_id=None,
+    )
+    model = LlamaForCausalLM(config)
+    torch.nn.Module.to(model, dtype=torch.float32)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.normal_(0.0, std)
+    model.save_pretrained(path, safe_serialization=True)
