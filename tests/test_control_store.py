@@ -16,18 +16,20 @@ import torch
 from kvstore.config import StoreConfig
 from kvstore.conformance.faults import FaultPlan, FaultyDriver
 from kvstore.errors import ConfigError, DriverUnavailableError, InvalidArgumentError, NotFoundError
-from kvstore.keys import KEY_BYTES, Namespace, chunk_keys
-from kvstore.layout import KVLayout
-from kvstore.registry import open_driver
-from kvstore.store import (
+from kvstore.keys import (
+    KEY_BYTES,
     STORAGE_KEY_BYTES,
     TAG_BYTES,
-    AsyncKVStore,
-    Progress,
+    Namespace,
+    chunk_keys,
     namespace_tag,
     storage_prefix,
     tenant_tag,
 )
+from kvstore.layout import KVLayout
+from kvstore.registry import open_driver
+from kvstore.results import Progress
+from kvstore.store import AsyncKVStore
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=32)
 CHUNK = 16

@@ -31,15 +31,8 @@ if TYPE_CHECKING:
     from kvstore.keys import Namespace, chunk_keys
     from kvstore.layout import KVLayout
     from kvstore.registry import DriverInfo, default_registry, hookimpl, open_driver, parse_url
-    from kvstore.store import (
-        AsyncKVStore,
-        KVStore,
-        LookupResult,
-        RetrieveResult,
-        StoreResult,
-        StoreStats,
-        open_store,
-    )
+    from kvstore.results import LookupResult, RetrieveResult, StoreResult, StoreStats
+    from kvstore.store import AsyncKVStore, KVStore, open_store
     from kvstore.sync import SyncDriver
 
 __version__ = "0.1.0"
@@ -75,10 +68,10 @@ _HOMES = {
     "parse_url": "kvstore.registry",
     "AsyncKVStore": "kvstore.store",
     "KVStore": "kvstore.store",
-    "LookupResult": "kvstore.store",
-    "RetrieveResult": "kvstore.store",
-    "StoreResult": "kvstore.store",
-    "StoreStats": "kvstore.store",
+    "LookupResult": "kvstore.results",
+    "RetrieveResult": "kvstore.results",
+    "StoreResult": "kvstore.results",
+    "StoreStats": "kvstore.results",
     "open_store": "kvstore.store",
     "SyncDriver": "kvstore.sync",
 }

@@ -126,3 +126,30 @@ def chunk_keys(namespace_digest: bytes, tokens: TokenIds, chunk_tokens: int) -> 
         previous = hasher.digest()
         keys.append(previous)
     return keys
+
+
+TAG_BYTES = 8
+"""Bytes of each tag that prefixes a chunk key in a storage key."""
+STORAGE_KEY_BYTES = 2 * TAG_BYTES + KEY_BYTES
+"""A storage key: tenant tag, namespace tag, chunk key (docs/key-spec.md)."""
+NAMED_CHUNK_TAG = b"kvstore-named-chunk-v1\n"
+
+
+def tenant_tag(tenant: str) -> bytes:
+    """The tag of a tenant's storage keys; without the salt it cannot be computed."""
+    return blake3.blake3(b"kvstore-tenant-tag-v1\n" + tenant.encode()).digest()[:TAG_BYTES]
+
+
+def namespace_tag(namespace_digest: bytes) -> bytes:
+    """The tag of one namespace's storage keys, derived from its digest."""
+    return blake3.blake3(b"kvstore-namespace-tag-v1\n" + namespace_digest).digest()[:TAG_BYTES]
+
+
+def storage_prefix(namespace: Namespace) -> bytes:
+    """What the storage key of each of ``namespace``'s chunks starts with."""
+    return tenant_tag(namespace.tenant) + namespace_tag(namespace.digest())
+
+
+def chunk_key_of(storage_key: bytes) -> bytes:
+    """The chunk key a storage key ends with: the key a chunk's header carries."""
+    return storage_key[-KEY_BYTES:]

@@ -33,7 +33,7 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 if TYPE_CHECKING:
-    from kvstore.store import StoreStats
+    from kvstore.results import StoreStats
     from kvstore.tier import Tier
 
 log = logging.getLogger("kvstore.metrics")

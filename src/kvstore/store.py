@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 import blake3
 import torch
@@ -43,200 +43,43 @@ from kvstore.errors import (
     KVStoreError,
     NotFoundError,
 )
-from kvstore.keys import KEY_BYTES, Namespace, TokenIds, chunk_keys
+from kvstore.keys import (
+    NAMED_CHUNK_TAG,
+    STORAGE_KEY_BYTES,
+    TAG_BYTES,
+    Namespace,
+    TokenIds,
+    chunk_key_of,
+    chunk_keys,
+    storage_prefix,
+)
 from kvstore.layout import TOKEN_DIM, KVLayout
 from kvstore.metrics import StoreMetrics, timed
 from kvstore.registry import open_driver
+from kvstore.results import (
+    CompressResult,
+    LookupResult,
+    MoveResult,
+    Progress,
+    ProgressCallback,
+    RetrieveResult,
+    Scope,
+    ScopeCounters,
+    ScopeStats,
+    ScopeTierUsage,
+    StoreResult,
+    StoreStats,
+    TierHealth,
+)
 from kvstore.sync import LoopThread, shared_loop
-from kvstore.tier import Tier, TierSnapshot, check_codecs
+from kvstore.tier import Tier, check_codecs
 
 T = TypeVar("T")
 log = logging.getLogger("kvstore.store")
 
 
-@dataclass(frozen=True)
-class LookupResult:
-    """The longest cached prefix: its length in tokens and the tier of each chunk."""
-
-    tokens: int
-    chunk_tiers: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class RetrieveResult:
-    """KV of the longest prefix that could be loaded and verified.
-
-    ``kv`` is ``[layers, 2, tokens, kv_heads, head_dim]`` (``None`` when
-    nothing was cached); ``chunk_tiers`` names where each chunk came from.
-    """
-
-    tokens: int
-    kv: torch.Tensor | None
-    chunk_tiers: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class StoreResult:
-    """What ``store`` did: whole chunks seen, newly written, already cached, not stored."""
-
-    chunks: int
-    written: int
-    already_cached: int
-    failed: int
-
-
-@dataclass(frozen=True)
-class StoreStats:
-    tiers: tuple[TierSnapshot, ...]
-    queued_bytes: int
-    pinned_chunks: int
-
-
-TAG_BYTES = 8
-"""Bytes of each tag that prefixes a chunk key in a storage key."""
-STORAGE_KEY_BYTES = 2 * TAG_BYTES + KEY_BYTES
-"""A storage key: tenant tag, namespace tag, chunk key (docs/key-spec.md)."""
-_NAMED_CHUNK_TAG = b"kvstore-named-chunk-v1\n"
-
-Scope = Literal["namespace", "tenant", "all"]
-"""Which stored chunks a tier-wide operation touches: this store's namespace, every
-namespace of its tenant, or everything in the tiers, whoever wrote it."""
-
-
-def tenant_tag(tenant: str) -> bytes:
-    """The tag of a tenant's storage keys; without the salt it cannot be computed."""
-    return blake3.blake3(b"kvstore-tenant-tag-v1\n" + tenant.encode()).digest()[:TAG_BYTES]
-
-
-def namespace_tag(namespace_digest: bytes) -> bytes:
-    """The tag of one namespace's storage keys, derived from its digest."""
-    return blake3.blake3(b"kvstore-namespace-tag-v1\n" + namespace_digest).digest()[:TAG_BYTES]
-
-
-def storage_prefix(namespace: Namespace) -> bytes:
-    """What the storage key of each of ``namespace``'s chunks starts with."""
-    return tenant_tag(namespace.tenant) + namespace_tag(namespace.digest())
-
-
 _PROBE_KEY = b"kvstore-health-probe"
 """The key ``health`` asks each tier about; nothing stores it."""
-
-
-def _chunk_key(storage_key: bytes) -> bytes:
-    """The chunk key a storage key ends with: the key a chunk's header carries."""
-    return storage_key[-KEY_BYTES:]
-
-
-@dataclass
-class ScopeCounters:
-    """Lookups and retrieves of one namespace, so a tenant sees its own counts only."""
-
-    lookups: int = 0
-    lookup_tokens: int = 0
-    hit_tokens: int = 0
-    retrieves: int = 0
-    retrieved_tokens: int = 0
-
-    def note_lookup(self, requested: int, found: int) -> None:
-        self.lookups += 1
-        self.lookup_tokens += requested
-        self.hit_tokens += found
-
-    def note_retrieve(self, loaded: int) -> None:
-        self.retrieves += 1
-        self.retrieved_tokens += loaded
-
-    def add(self, other: ScopeCounters) -> None:
-        self.lookups += other.lookups
-        self.lookup_tokens += other.lookup_tokens
-        self.hit_tokens += other.hit_tokens
-        self.retrieves += other.retrieves
-        self.retrieved_tokens += other.retrieved_tokens
-
-
-@dataclass(frozen=True)
-class ScopeTierUsage:
-    """What one tier holds of a scope, as the store's index knows it."""
-
-    name: str
-    entries: int
-    used_bytes: int
-    capacity_bytes: int
-    pinned: int
-
-
-@dataclass(frozen=True)
-class ScopeStats:
-    """``scope_stats()``: per-tier usage and the counters of one scope only."""
-
-    scope: Scope
-    tiers: tuple[ScopeTierUsage, ...]
-    counters: ScopeCounters
-
-
-@dataclass(frozen=True)
-class TierHealth:
-    """``health()`` of one tier.
-
-    reachable: a probe call (``contains_many`` of one key nothing stores)
-        answered within the timeout; ``error`` says why not.
-    latency_s: how long the probe took.
-    error_rate: driver errors per chunk operation (hits, misses, writes and
-        errors) since the store opened.
-    """
-
-    name: str
-    url: str
-    reachable: bool
-    latency_s: float
-    error: str | None
-    errors: int
-    error_rate: float
-    entries: int
-    used_bytes: int
-    capacity_bytes: int
-
-
-@dataclass(frozen=True)
-class Progress:
-    """How far a long operation (clear, move, compress) has got."""
-
-    done_chunks: int
-    total_chunks: int
-    done_bytes: int
-    total_bytes: int
-
-
-ProgressCallback = Callable[[Progress], None]
-
-
-@dataclass(frozen=True)
-class MoveResult:
-    """What ``move`` did: chunks looked at, copied, already in the target, bad
-    (failed verification and dropped), failed (unread or not written), and
-    removed from the source (``migrate``)."""
-
-    chunks: int
-    copied: int
-    already_there: int
-    corrupt: int
-    failed: int
-    removed: int
-    bytes_copied: int
-
-
-@dataclass(frozen=True)
-class CompressResult:
-    """What ``compress`` did: chunks looked at, re-encoded, already in the codec
-    stack, bad (dropped), failed, and the bytes of the re-encoded chunks before and after."""
-
-    chunks: int
-    recoded: int
-    unchanged: int
-    corrupt: int
-    failed: int
-    bytes_before: int
-    bytes_after: int
 
 
 @dataclass
@@ -279,10 +122,10 @@ def _verified_recode(
         layout = KVLayout(layers, heads, dim, header.dtype, header.mla)
     except InvalidArgumentError as exc:
         raise IntegrityError(f"chunk header names no valid layout: {exc}") from None
-    kv = decode_chunk(value, key=_chunk_key(key), layout=layout, tokens=tokens, keys=keys)
+    kv = decode_chunk(value, key=chunk_key_of(key), layout=layout, tokens=tokens, keys=keys)
     if tuple(header.codec_ids) == tuple(codec.id for codec in codecs):
         return value
-    return encode_chunk(_chunk_key(key), kv, mla=header.mla, codecs=codecs)
+    return encode_chunk(chunk_key_of(key), kv, mla=header.mla, codecs=codecs)
 
 
 class _Encoded:
@@ -492,7 +335,7 @@ class AsyncKVStore:
             if type(name) is not bytes or not name:
                 raise InvalidKeyError(f"chunk names are non-empty bytes, got {name!r}")
             hasher = blake3.blake3(self._digest)
-            hasher.update(_NAMED_CHUNK_TAG)
+            hasher.update(NAMED_CHUNK_TAG)
             hasher.update(name)
             keys.append(prefix + hasher.digest())
         return keys
@@ -662,11 +505,11 @@ class AsyncKVStore:
     async def _encode(self, key: bytes, kv: torch.Tensor, codecs: tuple[Codec, ...]) -> _Encoded:
         if codecs:
             view = await self._run(
-                encode_chunk, _chunk_key(key), kv, mla=self.layout.mla, codecs=codecs
+                encode_chunk, chunk_key_of(key), kv, mla=self.layout.mla, codecs=codecs
             )
             return _Encoded(key, view, codecs, None, self._pool)
         buffer = self._pool.acquire(raw_chunk_size(kv))
-        view = await self._run(encode_chunk, _chunk_key(key), kv, mla=self.layout.mla, out=buffer)
+        view = await self._run(encode_chunk, chunk_key_of(key), kv, mla=self.layout.mla, out=buffer)
         return _Encoded(key, view, codecs, buffer, self._pool)
 
     async def _recode(self, chunk: _Encoded, codecs: tuple[Codec, ...]) -> _Encoded:
@@ -676,7 +519,7 @@ class AsyncKVStore:
         kv = await self._run(
             decode_chunk,
             chunk.view,
-            key=_chunk_key(chunk.key),
+            key=chunk_key_of(chunk.key),
             layout=self.layout,
             tokens=self.chunk_tokens,
             keys=self._keys,
@@ -952,7 +795,7 @@ class AsyncKVStore:
             await self._run(
                 decode_chunk,
                 value,
-                key=_chunk_key(key),
+                key=chunk_key_of(key),
                 layout=self.layout,
                 tokens=self.chunk_tokens,
                 out=out,
@@ -1564,8 +1407,6 @@ def open_store(config: StoreConfig | str | Sequence[str], namespace: Namespace) 
 
 
 __all__ = [
-    "STORAGE_KEY_BYTES",
-    "TAG_BYTES",
     "AsyncKVStore",
     "CompressResult",
     "KVStore",
@@ -1580,8 +1421,5 @@ __all__ = [
     "StoreResult",
     "StoreStats",
     "TierHealth",
-    "namespace_tag",
     "open_store",
-    "storage_prefix",
-    "tenant_tag",
 ]

@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from kvstore.control.models import ErrorBody, JobInfo, JobState
 from kvstore.errors import KVStoreError, NotFoundError
-from kvstore.store import Progress, ProgressCallback
+from kvstore.results import Progress, ProgressCallback
 
 JobKind = Literal["clear", "move", "compress"]
 log = logging.getLogger("kvstore.control")

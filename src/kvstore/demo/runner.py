@@ -27,8 +27,8 @@ from kvstore.demo.presets import PRESETS
 from kvstore.demo.workload import CLASSES, DOC_NEXT, Workload, build_workload
 from kvstore.errors import InvalidArgumentError
 from kvstore.layout import KVLayout
+from kvstore.results import StoreStats
 from kvstore.sizes import format_size, human_size
-from kvstore.store import StoreStats
 from kvstore.tier import TierSnapshot
 
 
