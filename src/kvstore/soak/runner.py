@@ -1,0 +1,490 @@
+"""Run the soak: a redis-server, a small disk, worker processes, faults on a schedule.
+
+The runner starts one redis-server (the shared tier) and ``processes``
+worker processes, each with a store of three tiers: its own cpu arena, its
+own nvme directory on the soak's disk, and the shared redis. Every
+``fault_interval`` seconds after warm-up it injects the next fault of the
+schedule and ends it ``fault_s`` later; meanwhile it samples each worker's
+RSS and restarts any worker that exits before the end. Then it counts the
+chunk files on disk and computes the report (``kvstore.soak.report``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from kvstore.layout import KVLayout
+from kvstore.sizes import format_size, parse_size
+from kvstore.soak import faults
+from kvstore.soak.report import Check, Incarnation, SoakFigures, checks, figures
+from kvstore.soak.worker import WorkerPlan
+from kvstore.soak.workload import WorkloadSpec
+
+LAYOUT = KVLayout(num_layers=4, num_kv_heads=2, head_dim=64, dtype="float16")
+"""Small synthetic KV: 64 KiB a chunk of 32 tokens (65,664 bytes encoded), an
+odd size for the cpu arena's 256 KiB pages."""
+CHUNK_TOKENS = 32
+TICK_S = 0.1
+RSS_EVERY_S = 0.5
+RESTART_DELAY_S = 1.0
+EXIT_GRACE_S = 60.0
+OPEN_WAIT_S = 300.0
+CORRUPT_FILES = 8
+
+
+@dataclass(frozen=True)
+class SoakSettings:
+    duration_s: float
+    processes: int
+    sessions: int
+    prefixes: int
+    cpu_bytes: int
+    nvme_bytes: int
+    redis_bytes: int
+    faults: tuple[str, ...]
+    fault_s: float
+    fault_interval_s: float
+    warmup_s: float
+    timeout_s: float
+    write_policy: str
+    seed: int
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> SoakSettings:
+        quick = args.quick
+        capacities = dict(item.split("=", 1) for item in args.capacities.split(",") if item)
+        defaults = ("2MiB", "8MiB", "16MiB") if quick else ("8MiB", "32MiB", "64MiB")
+        duration = args.duration or (22.0 if quick else 600.0)
+        names = () if args.faults == "none" else tuple(args.faults.split(","))
+        unknown = set(names) - set(faults.FAULTS)
+        if unknown:
+            raise SystemExit(
+                f"unknown faults {sorted(unknown)} (known: {', '.join(faults.FAULTS)})"
+            )
+        warmup = args.warmup or (4.0 if quick else 60.0)
+        interval = args.fault_interval or (3.2 if quick else 30.0)
+        return cls(
+            duration_s=duration,
+            processes=args.processes or (2 if quick else 3),
+            sessions=args.sessions or (32 if quick else 96),
+            prefixes=args.prefixes,
+            cpu_bytes=parse_size(capacities.get("cpu", defaults[0])),
+            nvme_bytes=parse_size(capacities.get("nvme", defaults[1])),
+            redis_bytes=parse_size(capacities.get("redis", defaults[2])),
+            faults=names,
+            fault_s=args.fault_s or (2.5 if quick else 5.0),
+            fault_interval_s=interval,
+            warmup_s=warmup,
+            timeout_s=args.timeout_s,
+            write_policy=args.write_policy,
+            seed=args.seed,
+        )
+
+    @property
+    def spec(self) -> WorkloadSpec:
+        return WorkloadSpec(
+            seed=self.seed,
+            layout=LAYOUT,
+            chunk_tokens=CHUNK_TOKENS,
+            prefixes=self.prefixes,
+            slots=max(1, self.sessions // self.processes),
+        )
+
+    def schedule(self) -> list[tuple[float, str]]:
+        """(seconds from start, fault): one every interval after warm-up, cycling
+        through ``faults``, each ending before the last interval of the run."""
+        events: list[tuple[float, str]] = []
+        at = self.warmup_s
+        while self.faults and at + self.fault_s <= self.duration_s - self.fault_interval_s / 2:
+            events.append((at, self.faults[len(events) % len(self.faults)]))
+            at += self.fault_interval_s
+        return events
+
+
+def _encoded_chunk_bytes() -> int:
+    """Bytes of one encoded chunk (raw codec): header plus KV."""
+    import torch
+
+    from kvstore.chunk import raw_chunk_size
+
+    meta = torch.empty(LAYOUT.shape(CHUNK_TOKENS), dtype=LAYOUT.torch_dtype, device="meta")
+    return raw_chunk_size(meta)
+
+
+class Slot:
+    """One worker position: its plan, its current process, its incarnations."""
+
+    def __init__(self, worker: int, run_dir: Path, plan: Callable[[int, str], WorkerPlan]) -> None:
+        self.worker = worker
+        self.run_dir = run_dir
+        self._plan = plan
+        self.process: subprocess.Popen[bytes] | None = None
+        self.incarnations: list[Incarnation] = []
+        self.exited_at: float | None = None
+
+    def start(self) -> None:
+        number = len(self.incarnations)
+        journal = self.run_dir / f"worker-{self.worker}.{number}.jsonl"
+        plan_path = self.run_dir / f"worker-{self.worker}.{number}.plan.json"
+        plan_path.write_text(self._plan(number, str(journal)).to_json())
+        log = (self.run_dir / f"worker-{self.worker}.{number}.log").open("wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "kvstore.soak.worker", str(plan_path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        self.incarnations.append(Incarnation(self.worker, number, journal))
+        self.exited_at = None
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+            self.incarnations[-1].killed = True
+
+    def poll(self, now: float) -> bool:
+        """Whether the current process has exited (noting when and how)."""
+        if self.process is None:
+            return True
+        code = self.process.poll()
+        if code is None:
+            return False
+        if self.exited_at is None:
+            self.exited_at = now
+            self.incarnations[-1].exit_code = code
+        return True
+
+    def sample_rss(self, t: float) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        try:
+            status = Path(f"/proc/{self.process.pid}/status").read_text()
+        except OSError:
+            return
+        for line in status.splitlines():
+            if line.startswith("VmRSS:"):
+                self.incarnations[-1].rss.append((t, int(line.split()[1]) * 1024))
+
+
+class FaultInjector:
+    """Starts and ends the scheduled faults; records what each did."""
+
+    def __init__(
+        self,
+        redis: faults.RedisProcess,
+        disk: Path,
+        disk_problem: str | None,
+        slots: list[Slot],
+        seed: int,
+    ) -> None:
+        self.redis = redis
+        self.disk = disk
+        self.disk_problem = disk_problem
+        self.slots = slots
+        self.rng = random.Random(seed)
+        self.log: list[dict[str, Any]] = []
+        self._victims = 0
+
+    def begin(self, name: str, at: float) -> dict[str, Any]:
+        record: dict[str, Any] = {"fault": name, "start_s": at, "end_s": at, "detail": ""}
+        if name == "pause-redis":
+            self.redis.pause()
+            record["detail"] = "SIGSTOP redis-server"
+        elif name == "kill-redis":
+            self.redis.kill()
+            record["detail"] = "SIGKILL redis-server, restarted empty"
+        elif name == "fill-disk":
+            if self.disk_problem is None:
+                filled = faults.fill_disk(self.disk)
+                record["detail"] = f"ballast of {filled >> 20} MiB to ENOSPC"
+            else:
+                record["detail"] = f"not injected: no private disk ({self.disk_problem})"
+        elif name == "corrupt-files":
+            dirs = [self.disk / f"worker-{slot.worker}" for slot in self.slots]
+            corrupted = faults.corrupt_chunk_files(dirs, CORRUPT_FILES, self.rng)
+            record["detail"] = f"64 bytes overwritten in {corrupted} chunk files"
+        elif name == "kill-worker":
+            slot = self.slots[self._victims % len(self.slots)]
+            self._victims += 1
+            slot.kill()
+            record["detail"] = f"SIGKILL worker {slot.worker}, restarted"
+            record["worker"] = slot.worker
+        self.log.append(record)
+        return record
+
+    def end(self, record: dict[str, Any], at: float) -> None:
+        name = record["fault"]
+        if name == "pause-redis":
+            self.redis.resume()
+        elif name == "kill-redis":
+            self.redis.start()
+        elif name == "fill-disk":
+            faults.free_disk(self.disk)
+        elif name == "kill-worker":
+            self.slots[record["worker"]].start()
+        record["end_s"] = at
+
+
+def _wait_opened(slots: list[Slot]) -> None:
+    """Wait (bounded) until every worker has opened its store, or failed to."""
+    deadline = time.monotonic() + OPEN_WAIT_S
+    while time.monotonic() < deadline:
+        if all(
+            slot.poll(0.0) or any(e["event"] == "open" for e in slot.incarnations[-1].events())
+            for slot in slots
+        ):
+            return
+        time.sleep(TICK_S)
+    raise RuntimeError(f"the workers did not open their stores within {OPEN_WAIT_S:.0f} s")
+
+
+def run(settings: SoakSettings, run_dir: Path) -> dict[str, Any]:
+    """Run the soak in ``run_dir``; the JSON report."""
+    disk = run_dir / "disk"
+    disk_size = settings.processes * settings.nvme_bytes * 5 // 4 + (8 << 20)
+    disk_problem = (
+        faults.private_disk(disk, disk_size) if "fill-disk" in settings.faults else "not asked"
+    )
+    disk.mkdir(parents=True, exist_ok=True)
+    redis = faults.RedisProcess(
+        run_dir / "redis", maxmemory=settings.processes * settings.redis_bytes * 2 + (16 << 20)
+    )
+    redis.start()
+    start_file = run_dir / "end-time"
+    spec = settings.spec
+
+    def tier(url: str, name: str, **options: Any) -> dict[str, Any]:
+        return {"url": url, "name": name, "timeout_s": settings.timeout_s, **options}
+
+    def plan_for(worker: int) -> Callable[[int, str], WorkerPlan]:
+        nvme = f"nvme://{disk / f'worker-{worker}'}?capacity={format_size(settings.nvme_bytes)}"
+        store = {
+            "name": f"soak-{worker}",
+            "chunk_tokens": CHUNK_TOKENS,
+            "queue_bytes": 16 << 20,
+            "io_batch_bytes": 4 << 20,
+            "on_queue_full": "drop",
+            "tiers": [
+                tier(
+                    f"cpu://?capacity={format_size(settings.cpu_bytes)}",
+                    "cpu",
+                    write_policy=settings.write_policy,
+                ),
+                tier(nvme, "nvme", write_policy=settings.write_policy),
+                tier(redis.url("prefix=soak"), "redis", capacity=settings.redis_bytes),
+            ],
+        }
+        return lambda number, journal: WorkerPlan(
+            worker, number, str(start_file), journal, spec, store
+        )
+
+    slots = [Slot(worker, run_dir, plan_for(worker)) for worker in range(settings.processes)]
+    injector = FaultInjector(redis, disk, disk_problem, slots, settings.seed)
+    active: list[tuple[float, dict[str, Any]]] = []
+    hung = 0
+    try:
+        for slot in slots:
+            slot.start()
+        _wait_opened(slots)
+        start = time.time()
+        end_at = start + settings.duration_s
+        temporary = start_file.with_suffix(".tmp")
+        temporary.write_text(repr(end_at))
+        temporary.rename(start_file)
+        pending = [(start + at, name) for at, name in settings.schedule()]
+        next_sample = start
+        while True:
+            now = time.time()
+            while pending and pending[0][0] <= now:
+                _, name = pending.pop(0)
+                active.append((now + settings.fault_s, injector.begin(name, now - start)))
+            for due, record in [item for item in active if item[0] <= now]:
+                injector.end(record, now - start)
+                active.remove((due, record))
+            restarting = {record.get("worker") for _, record in active}
+            for slot in slots:
+                if (
+                    slot.worker not in restarting
+                    and slot.poll(now)
+                    and now < end_at - RESTART_DELAY_S
+                    and slot.exited_at is not None
+                    and now - slot.exited_at >= RESTART_DELAY_S
+                ):
+                    slot.start()
+            if now >= next_sample:
+                for slot in slots:
+                    slot.sample_rss(now - start)
+                next_sample = now + RSS_EVERY_S
+            if now >= end_at and all(slot.poll(now) for slot in slots):
+                break
+            if now >= end_at + EXIT_GRACE_S:
+                for slot in slots:
+                    if not slot.poll(now):
+                        slot.kill()
+                        hung += 1
+                break
+            time.sleep(TICK_S)
+        for _, record in active:
+            injector.end(record, time.time() - start)
+        redis_keys = redis.keys()
+    finally:
+        for slot in slots:
+            slot.kill()
+        redis.kill()
+        faults.free_disk(disk)
+        files = {}
+        for slot in slots:
+            chunk_files = faults.chunk_files(disk / f"worker-{slot.worker}")
+            files[slot.worker] = (len(chunk_files), len({path.parent for path in chunk_files}))
+        if disk_problem is None:
+            faults.release_disk(disk)
+    chunk_bytes = _encoded_chunk_bytes()
+    private = (
+        max(settings.cpu_bytes, settings.nvme_bytes)
+        if settings.write_policy == "write-through"
+        else settings.cpu_bytes + settings.nvme_bytes
+    )
+    result = figures(
+        [incarnation for slot in slots for incarnation in slot.incarnations],
+        private_chunks=private // chunk_bytes,
+        shared_chunks=settings.redis_bytes // chunk_bytes,
+        warm_at=settings.warmup_s,
+        end_at=settings.duration_s,
+        files=files,
+    )
+    return _report(settings, result, checks(result, settings.timeout_s, hung), injector, redis_keys)
+
+
+def _report(
+    settings: SoakSettings,
+    result: SoakFigures,
+    results: list[Check],
+    injector: FaultInjector,
+    redis_keys: int | None,
+) -> dict[str, Any]:
+    return {
+        "settings": {**asdict(settings), "faults": list(settings.faults)},
+        "load_average": os.getloadavg(),
+        "checks": [check.to_json() for check in results],
+        "held": all(check.held for check in results),
+        "faults": injector.log,
+        "figures": {
+            key: value for key, value in asdict(result).items() if key not in ("latencies",)
+        },
+        "hit_rate": result.hit_rate,
+        "redis_keys": redis_keys,
+        "load_average_at_end": os.getloadavg(),
+    }
+
+
+def _tables(report: dict[str, Any]) -> list[Table]:
+    settings = report["settings"]
+    checks_table = Table(
+        title=(
+            f"kvstore soak: {settings['processes']} processes, {settings['duration_s']:.0f} s, "
+            f"cpu {format_size(settings['cpu_bytes'])} + nvme "
+            f"{format_size(settings['nvme_bytes'])} each, shared redis "
+            f"{format_size(settings['redis_bytes'])}"
+        )
+    )
+    for column in ("check", "measured", "promise", "held"):
+        checks_table.add_column(column)
+    for check in report["checks"]:
+        held = "[green]yes[/green]" if check["held"] else "[red]no[/red]"
+        checks_table.add_row(check["name"], check["measured"], check["promise"], held)
+    faults_table = Table(title="faults")
+    for column in ("at s", "for s", "fault", "what"):
+        faults_table.add_column(column)
+    for record in report["faults"]:
+        faults_table.add_row(
+            f"{record['start_s']:.1f}",
+            f"{record['end_s'] - record['start_s']:.1f}",
+            record["fault"],
+            record["detail"],
+        )
+    return [checks_table, faults_table]
+
+
+def add_soak_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--duration", type=float, help="seconds (default 600; 22 with --quick)")
+    parser.add_argument(
+        "--processes", type=int, help="worker processes sharing redis (default 3; 2 with --quick)"
+    )
+    parser.add_argument(
+        "--sessions", type=int, help="session slots over all workers (default 96; 32 with --quick)"
+    )
+    parser.add_argument("--prefixes", type=int, default=12, help="shared prefixes (default 12)")
+    parser.add_argument(
+        "--capacities",
+        default="",
+        help="tier capacities, e.g. cpu=8MiB,nvme=32MiB,redis=64MiB (the default; "
+        "cpu=2MiB,nvme=8MiB,redis=16MiB with --quick): cpu and nvme per process, "
+        "redis as each process's store counts it",
+    )
+    parser.add_argument(
+        "--faults",
+        default=",".join(faults.FAULTS),
+        help="faults to cycle through, comma-separated, or none (default: all of "
+        f"{','.join(faults.FAULTS)})",
+    )
+    parser.add_argument(
+        "--fault-s", type=float, help="how long a fault lasts (default 5; 2.5 quick)"
+    )
+    parser.add_argument(
+        "--fault-interval", type=float, help="seconds between faults (default 30; 3.2 quick)"
+    )
+    parser.add_argument(
+        "--warmup", type=float, help="seconds before the first fault (default 60; 4 quick)"
+    )
+    parser.add_argument("--timeout-s", type=float, default=1.0, help="every tier's timeout_s (1)")
+    parser.add_argument(
+        "--write-policy",
+        choices=("write-through", "write-back"),
+        default="write-through",
+        help="the cpu and nvme tiers' write policy (default write-through)",
+    )
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dir", type=Path, help="work directory (default: a temporary one)")
+    parser.add_argument("--quick", action="store_true", help="a short soak (what CI runs)")
+    parser.add_argument("--json", metavar="FILE", help="also write the report as JSON to FILE")
+
+
+def run_soak(args: argparse.Namespace) -> int:
+    """Run the soak and print its tables; 0 when every check held, 1 otherwise."""
+    settings = SoakSettings.from_args(args)
+    run_dir = args.dir or Path(tempfile.mkdtemp(prefix="kvstore-soak-"))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        report = run(settings, run_dir)
+    finally:
+        if args.dir is None:
+            shutil.rmtree(run_dir, ignore_errors=True)
+    console = Console()
+    for table in _tables(report):
+        console.print(table)
+    console.print(f"load average {' '.join(f'{x:.2f}' for x in report['load_average'])}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+    return 0 if report["held"] else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kvstore soak", description=__doc__)
+    add_soak_arguments(parser)
+    return run_soak(parser.parse_args(argv))
