@@ -83,6 +83,18 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
+def _cmd_soak(args: argparse.Namespace) -> int:
+    from kvstore.soak import run_soak
+
+    return run_soak(args)
+
+
+def _soak_arguments(parser: argparse.ArgumentParser) -> None:
+    from kvstore.soak import add_soak_arguments
+
+    add_soak_arguments(parser)
+
+
 def _conformance_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("url", help="driver URL, e.g. nvme:///tmp/kv?capacity=1GiB")
     parser.add_argument("--json", metavar="FILE", help="also write a JSON report to FILE")
@@ -148,6 +160,11 @@ _COMMANDS: dict[
         "measure store/retrieve throughput against raw baselines",
         _bench_arguments,
         _cmd_bench,
+    ),
+    "soak": (
+        "run the store in steady state (full, shared tiers, faults) and check its promises",
+        _soak_arguments,
+        _cmd_soak,
     ),
     "ctl": (
         "control a running store over its HTTP control API (docs/control-api.md)",

@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from kvstore.drivers.nvme.layout import HEADER_SIZE, HeaderError, decode_header
 
@@ -76,9 +78,11 @@ class RedisProcess:
     def url(self, query: str) -> str:
         return f"redis://{HOST}:{self.port}/0?{query}"
 
-    @property
-    def pid(self) -> int | None:
-        return self.process.pid if self.process is not None else None
+    def client(self, timeout_s: float = 2.0) -> redis.Redis:
+        """A plain client that gives up at once (no retries) when the server does not answer."""
+        return redis.Redis(
+            host=HOST, port=self.port, socket_timeout=timeout_s, retry=Retry(NoBackoff(), 0)
+        )
 
     def start(self) -> None:
         """Start the server and wait (bounded) until it answers PING."""
@@ -92,7 +96,7 @@ class RedisProcess:
             if self.process.poll() is not None:
                 raise RuntimeError(f"redis-server exited with status {self.process.returncode}")
             try:
-                with redis.Redis(host=HOST, port=self.port, socket_timeout=2) as client:
+                with self.client() as client:
                     client.ping()
                 return
             except redis.RedisError:
@@ -117,7 +121,7 @@ class RedisProcess:
     def keys(self) -> int | None:
         """DBSIZE, or None if the server does not answer."""
         try:
-            with redis.Redis(host=HOST, port=self.port, socket_timeout=2) as client:
+            with self.client() as client:
                 return int(client.dbsize())
         except redis.RedisError:
             return None

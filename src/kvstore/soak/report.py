@@ -6,6 +6,8 @@ Each check is one promise of the store in steady state (docs/benchmarks.md):
 - stores accounted: every chunk of every store is written, already cached or
   failed as ``store`` reported, or was in flight in a worker killed with
   SIGKILL; no worker crashed, failed to open, or hung at exit;
+- full tiers keep caching: at most 1% of the new chunks ``store`` tried to
+  write to the first tier (never faulted) failed;
 - hit rate: at least 90% of an ideal LRU's of the same capacities, replayed
   on the same trace (``kvstore.soak.ideal``);
 - latency: every retrieve and store returned within ``timeout_s`` + 0.5 s;
@@ -27,6 +29,7 @@ from kvstore.soak.ideal import TraceRequest, replay
 from kvstore.soak.workload import chunk_ids
 
 LATENCY_SLACK_S = 0.5
+FAILED_STORES = 0.01
 HIT_RATE_FRACTION = 0.9
 MEMORY_GROWTH = 0.10
 MIB = 1 << 20
@@ -225,6 +228,12 @@ def checks(result: SoakFigures, timeout_s: float, hung: int) -> list[Check]:
             f" ({result.unaccounted} unaccounted); {result.dropped} background copies dropped",
             "every chunk",
             result.unaccounted == 0 and accounted == result.attempted,
+        ),
+        Check(
+            "full tiers keep caching",
+            f"{result.failed} of {result.written + result.failed} new chunks failed",
+            f"<= {FAILED_STORES:.0%}",
+            result.failed <= FAILED_STORES * (result.written + result.failed),
         ),
         Check(
             "no crash",

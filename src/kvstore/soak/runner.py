@@ -171,15 +171,22 @@ class Slot:
         return True
 
     def sample_rss(self, t: float) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        try:
-            status = Path(f"/proc/{self.process.pid}/status").read_text()
-        except OSError:
-            return
-        for line in status.splitlines():
-            if line.startswith("VmRSS:"):
-                self.incarnations[-1].rss.append((t, int(line.split()[1]) * 1024))
+        if self.process is not None and self.process.poll() is None:
+            rss = rss_of(self.process.pid)
+            if rss is not None:
+                self.incarnations[-1].rss.append((t, rss))
+
+
+def rss_of(pid: int) -> int | None:
+    """The resident set size of process ``pid`` in bytes (None if it is gone)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    for line in status.splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return None
 
 
 class FaultInjector:
@@ -297,6 +304,7 @@ def run(settings: SoakSettings, run_dir: Path) -> dict[str, Any]:
     slots = [Slot(worker, run_dir, plan_for(worker)) for worker in range(settings.processes)]
     injector = FaultInjector(redis, disk, disk_problem, slots, settings.seed)
     active: list[tuple[float, dict[str, Any]]] = []
+    redis_rss: list[tuple[float, int]] = []
     hung = 0
     try:
         for slot in slots:
@@ -330,6 +338,8 @@ def run(settings: SoakSettings, run_dir: Path) -> dict[str, Any]:
             if now >= next_sample:
                 for slot in slots:
                     slot.sample_rss(now - start)
+                if redis.process is not None:
+                    redis_rss.append((now - start, rss_of(redis.process.pid) or 0))
                 next_sample = now + RSS_EVERY_S
             if now >= end_at and all(slot.poll(now) for slot in slots):
                 break
@@ -368,7 +378,10 @@ def run(settings: SoakSettings, run_dir: Path) -> dict[str, Any]:
         end_at=settings.duration_s,
         files=files,
     )
-    return _report(settings, result, checks(result, settings.timeout_s, hung), injector, redis_keys)
+    report = _report(settings, result, checks(result, settings.timeout_s, hung), injector)
+    report["redis"] = {"keys_at_end": redis_keys, "rss": redis_rss}
+    report["rss"] = {f"{i.worker}.{i.number}": i.rss for slot in slots for i in slot.incarnations}
+    return report
 
 
 def _report(
@@ -376,11 +389,10 @@ def _report(
     result: SoakFigures,
     results: list[Check],
     injector: FaultInjector,
-    redis_keys: int | None,
 ) -> dict[str, Any]:
     return {
         "settings": {**asdict(settings), "faults": list(settings.faults)},
-        "load_average": os.getloadavg(),
+        "load_average_at_end": os.getloadavg(),
         "checks": [check.to_json() for check in results],
         "held": all(check.held for check in results),
         "faults": injector.log,
@@ -388,8 +400,6 @@ def _report(
             key: value for key, value in asdict(result).items() if key not in ("latencies",)
         },
         "hit_rate": result.hit_rate,
-        "redis_keys": redis_keys,
-        "load_average_at_end": os.getloadavg(),
     }
 
 
@@ -478,7 +488,8 @@ def run_soak(args: argparse.Namespace) -> int:
     console = Console()
     for table in _tables(report):
         console.print(table)
-    console.print(f"load average {' '.join(f'{x:.2f}' for x in report['load_average'])}")
+    load = " ".join(f"{x:.2f}" for x in report["load_average_at_end"])
+    console.print(f"load average at the end: {load}")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
     return 0 if report["held"] else 1
