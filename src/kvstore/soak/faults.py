@@ -30,7 +30,14 @@ from kvstore.drivers.nvme.layout import HEADER_SIZE, HeaderError, decode_header
 
 HOST = "127.0.0.1"
 START_TIMEOUT_S = 15.0
-FAULTS = ("pause-redis", "kill-redis", "fill-disk", "corrupt-files", "kill-worker")
+FAULTS = (
+    "pause-redis",
+    "kill-redis",
+    "restart-in-outage",
+    "fill-disk",
+    "corrupt-files",
+    "kill-worker",
+)
 """Every fault the soak can inject, in the order the default schedule cycles through."""
 
 _CLONE_NEWNS = 0x00020000

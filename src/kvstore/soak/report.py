@@ -97,6 +97,7 @@ class SoakFigures:
     ideal_hit_rate: float = 0.0
     working_set_chunks: int = 0
     latencies: list[float] = field(default_factory=list)
+    calls: list[tuple[float, float]] = field(default_factory=list)
     crashes: list[str] = field(default_factory=list)
     open_failures: list[str] = field(default_factory=list)
     files: dict[int, int] = field(default_factory=dict)
@@ -174,6 +175,10 @@ def figures(
             result.hit += outcome["hit"]
             result.requested += len(ids)
             result.latencies += [outcome["retrieve_s"], outcome["store_s"]]
+            result.calls += [
+                (outcome["t"] - outcome["store_s"], outcome["retrieve_s"]),
+                (outcome["t"], outcome["store_s"]),
+            ]
         for event in events:
             if event["event"] == "crash":
                 result.crashes.append(event["error"])
@@ -201,6 +206,14 @@ def figures(
         result.counted[worker] = nvme[0]["entries"] if nvme else None
         result.driver_counted[worker] = nvme[0]["driver_entries"] if nvme else None
     return result
+
+
+def slowest_call(result: SoakFigures, start: float, end: float) -> float:
+    """The longest call (wall-clock times) that overlapped ``[start, end]``."""
+    overlapping = [
+        seconds for ended, seconds in result.calls if ended >= start and ended - seconds <= end
+    ]
+    return max(overlapping, default=0.0)
 
 
 def checks(result: SoakFigures, timeout_s: float, hung: int) -> list[Check]:

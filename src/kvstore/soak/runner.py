@@ -31,7 +31,14 @@ from rich.table import Table
 from kvstore.layout import KVLayout
 from kvstore.sizes import format_size, parse_size
 from kvstore.soak import faults
-from kvstore.soak.report import Check, Incarnation, SoakFigures, checks, figures
+from kvstore.soak.report import (
+    Check,
+    Incarnation,
+    SoakFigures,
+    checks,
+    figures,
+    slowest_call,
+)
 from kvstore.soak.worker import WorkerPlan
 from kvstore.soak.workload import WorkloadSpec
 
@@ -44,6 +51,7 @@ RSS_EVERY_S = 0.5
 RESTART_DELAY_S = 1.0
 EXIT_GRACE_S = 60.0
 OPEN_WAIT_S = 300.0
+_OPENED = ("open", "open_failed")
 CORRUPT_FILES = 8
 
 
@@ -69,7 +77,7 @@ class SoakSettings:
         quick = args.quick
         capacities = dict(item.split("=", 1) for item in args.capacities.split(",") if item)
         defaults = ("2MiB", "8MiB", "16MiB") if quick else ("8MiB", "32MiB", "64MiB")
-        duration = args.duration or (22.0 if quick else 600.0)
+        duration = args.duration or (24.0 if quick else 600.0)
         names = () if args.faults == "none" else tuple(args.faults.split(","))
         unknown = set(names) - set(faults.FAULTS)
         if unknown:
@@ -77,7 +85,7 @@ class SoakSettings:
                 f"unknown faults {sorted(unknown)} (known: {', '.join(faults.FAULTS)})"
             )
         warmup = args.warmup or (4.0 if quick else 60.0)
-        interval = args.fault_interval or (3.2 if quick else 30.0)
+        interval = args.fault_interval or (3.0 if quick else 30.0)
         return cls(
             duration_s=duration,
             processes=args.processes or (2 if quick else 3),
@@ -226,20 +234,36 @@ class FaultInjector:
             dirs = [self.disk / f"worker-{slot.worker}" for slot in self.slots]
             corrupted = faults.corrupt_chunk_files(dirs, CORRUPT_FILES, self.rng)
             record["detail"] = f"64 bytes overwritten in {corrupted} chunk files"
-        elif name == "kill-worker":
+        elif name in ("kill-worker", "restart-in-outage"):
             slot = self.slots[self._victims % len(self.slots)]
             self._victims += 1
             slot.kill()
-            record["detail"] = f"SIGKILL worker {slot.worker}, restarted"
             record["worker"] = slot.worker
+            record["detail"] = f"SIGKILL worker {slot.worker}, restarted"
+            if name == "restart-in-outage":
+                self.redis.kill()
+                slot.start()
+                record["detail"] = (
+                    f"SIGKILL redis-server and worker {slot.worker}; the worker restarted "
+                    "and opened its store before redis came back"
+                )
         self.log.append(record)
         return record
+
+    def can_end(self, record: dict[str, Any]) -> bool:
+        """Whether ``record``'s fault may end: a restart in an outage lasts until the
+        restarted worker has tried to open its store."""
+        if record["fault"] != "restart-in-outage":
+            return True
+        slot = self.slots[record["worker"]]
+        events = slot.incarnations[-1].events()
+        return slot.poll(time.time()) or any(e["event"] in _OPENED for e in events)
 
     def end(self, record: dict[str, Any], at: float) -> None:
         name = record["fault"]
         if name == "pause-redis":
             self.redis.resume()
-        elif name == "kill-redis":
+        elif name in ("kill-redis", "restart-in-outage"):
             self.redis.start()
         elif name == "fill-disk":
             faults.free_disk(self.disk)
@@ -253,7 +277,7 @@ def _wait_opened(slots: list[Slot]) -> None:
     deadline = time.monotonic() + OPEN_WAIT_S
     while time.monotonic() < deadline:
         if all(
-            slot.poll(0.0) or any(e["event"] == "open" for e in slot.incarnations[-1].events())
+            slot.poll(0.0) or any(e["event"] in _OPENED for e in slot.incarnations[-1].events())
             for slot in slots
         ):
             return
@@ -322,7 +346,8 @@ def run(settings: SoakSettings, run_dir: Path) -> dict[str, Any]:
             while pending and pending[0][0] <= now:
                 _, name = pending.pop(0)
                 active.append((now + settings.fault_s, injector.begin(name, now - start)))
-            for due, record in [item for item in active if item[0] <= now]:
+            ending = [item for item in active if item[0] <= now and injector.can_end(item[1])]
+            for due, record in ending:
                 injector.end(record, now - start)
                 active.remove((due, record))
             restarting = {record.get("worker") for _, record in active}
@@ -378,6 +403,10 @@ def run(settings: SoakSettings, run_dir: Path) -> dict[str, Any]:
         end_at=settings.duration_s,
         files=files,
     )
+    for record in injector.log:
+        record["slowest_call_s"] = slowest_call(
+            result, start + record["start_s"], start + record["end_s"]
+        )
     report = _report(settings, result, checks(result, settings.timeout_s, hung), injector)
     report["redis"] = {"keys_at_end": redis_keys, "rss": redis_rss}
     report["rss"] = {f"{i.worker}.{i.number}": i.rss for slot in slots for i in slot.incarnations}
@@ -397,7 +426,7 @@ def _report(
         "held": all(check.held for check in results),
         "faults": injector.log,
         "figures": {
-            key: value for key, value in asdict(result).items() if key not in ("latencies",)
+            key: value for key, value in asdict(result).items() if key not in ("latencies", "calls")
         },
         "hit_rate": result.hit_rate,
     }
@@ -419,7 +448,7 @@ def _tables(report: dict[str, Any]) -> list[Table]:
         held = "[green]yes[/green]" if check["held"] else "[red]no[/red]"
         checks_table.add_row(check["name"], check["measured"], check["promise"], held)
     faults_table = Table(title="faults")
-    for column in ("at s", "for s", "fault", "what"):
+    for column in ("at s", "for s", "fault", "what", "slowest call in it"):
         faults_table.add_column(column)
     for record in report["faults"]:
         faults_table.add_row(
@@ -427,12 +456,13 @@ def _tables(report: dict[str, Any]) -> list[Table]:
             f"{record['end_s'] - record['start_s']:.1f}",
             record["fault"],
             record["detail"],
+            f"{record['slowest_call_s']:.2f} s",
         )
     return [checks_table, faults_table]
 
 
 def add_soak_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--duration", type=float, help="seconds (default 600; 22 with --quick)")
+    parser.add_argument("--duration", type=float, help="seconds (default 600; 24 with --quick)")
     parser.add_argument(
         "--processes", type=int, help="worker processes sharing redis (default 3; 2 with --quick)"
     )
@@ -457,7 +487,7 @@ def add_soak_arguments(parser: argparse.ArgumentParser) -> None:
         "--fault-s", type=float, help="how long a fault lasts (default 5; 2.5 quick)"
     )
     parser.add_argument(
-        "--fault-interval", type=float, help="seconds between faults (default 30; 3.2 quick)"
+        "--fault-interval", type=float, help="seconds between faults (default 30; 3 quick)"
     )
     parser.add_argument(
         "--warmup", type=float, help="seconds before the first fault (default 60; 4 quick)"
