@@ -21,6 +21,8 @@ from urllib.parse import quote
 
 import redis
 
+from kvstore.soak.faults import start_server
+
 HOST = "127.0.0.1"
 START_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 10.0
@@ -253,24 +255,16 @@ class RedisServer:
         """Start the process and wait (bounded) until it answers PING."""
         if self.process is not None and self.process.poll() is None:
             raise RuntimeError("the server is already running")
-        self.process = subprocess.Popen(
+        self.process = start_server(
             ["redis-server", str(self.directory / "redis.conf")],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+            self._ping,
+            redis.RedisError,
+            describe=self.log_tail,
         )
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"redis-server exited: {self.log_tail()}")
-            try:
-                with self.client() as client:
-                    client.ping()
-                return
-            except redis.RedisError:
-                if time.monotonic() > deadline:
-                    self.kill()
-                    raise RuntimeError(f"redis-server did not start: {self.log_tail()}") from None
-                time.sleep(0.05)
+
+    def _ping(self) -> None:
+        with self.client() as client:
+            client.ping()
 
     def stop(self) -> None:
         """SIGTERM and wait; SIGKILL if it does not exit in time."""

@@ -20,6 +20,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import redis
@@ -45,6 +46,31 @@ _CLONE_NEWUSER = 0x10000000
 _MS_REC = 0x4000
 _MS_PRIVATE = 1 << 18
 _MNT_DETACH = 2
+
+
+def start_server(
+    argv: list[str],
+    answers: Callable[[], object],
+    errors: type[Exception] | tuple[type[Exception], ...],
+    describe: Callable[[], str] = lambda: "",
+) -> subprocess.Popen[bytes]:
+    """Start a server process and wait (bounded) until ``answers()`` stops raising
+    ``errors``. RuntimeError, with ``describe()`` (say, its log's tail), if it
+    exits first or does not answer in time (it is killed then)."""
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while True:
+        if process.poll() is not None:
+            raise RuntimeError(f"{argv[0]} exited with status {process.returncode}: {describe()}")
+        try:
+            answers()
+            return process
+        except errors:
+            if time.monotonic() > deadline:
+                process.kill()
+                process.wait()
+                raise RuntimeError(f"{argv[0]} did not answer in time: {describe()}") from None
+            time.sleep(0.05)
 
 
 def free_port() -> int:
@@ -93,24 +119,13 @@ class RedisProcess:
 
     def start(self) -> None:
         """Start the server and wait (bounded) until it answers PING."""
-        self.process = subprocess.Popen(
-            ["redis-server", str(self.directory / "redis.conf")],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+        self.process = start_server(
+            ["redis-server", str(self.directory / "redis.conf")], self._ping, redis.RedisError
         )
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while True:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"redis-server exited with status {self.process.returncode}")
-            try:
-                with self.client() as client:
-                    client.ping()
-                return
-            except redis.RedisError:
-                if time.monotonic() > deadline:
-                    self.kill()
-                    raise RuntimeError("redis-server did not answer PING in time") from None
-                time.sleep(0.05)
+
+    def _ping(self) -> None:
+        with self.client() as client:
+            client.ping()
 
     def pause(self) -> None:
         self._signal(signal.SIGSTOP)
