@@ -225,7 +225,9 @@ def checks(result: SoakFigures, timeout_s: float, hung: int) -> list[Check]:
     growth = max((m["growth"] for m in result.memory.values()), default=0.0)
     mismatched = [w for w in result.files if result.files[w] != result.counted[w]]
     files = ", ".join(
-        f"w{w}: {result.files[w]} files / {result.counted[w]} counted" for w in result.files
+        f"w{w}: {result.files[w]} files / {result.counted[w]} counted "
+        f"({result.shards[w]} shard dirs)"
+        for w in result.files
     )
     return [
         Check(
