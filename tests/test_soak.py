@@ -1,7 +1,7 @@
 """The steady-state soak (kvstore.soak): its parts, then the quick soak itself.
 
 The quick soak runs once for the module (about 35 s of wall time on 2 cores:
-2 worker processes, a redis-server, 24 s of traffic with every fault); each
+2 worker processes, a redis-server, 20 s of traffic with every fault); each
 test then asserts one of its checks. The correctness checks (no wrong KV,
 every store accounted for, no crash) must always hold; the others are the
 steady-state promises of docs/benchmarks.md (issue "Steady state": a full
@@ -200,6 +200,12 @@ def test_soak_accounts_for_every_store(soak: dict[str, Any]) -> None:
 def test_soak_never_crashes(soak: dict[str, Any]) -> None:
     assert soak["figures"]["crashes"] == []
     assert _check(soak, "no crash")["held"], _check(soak, "no crash")["measured"]
+
+
+@pytest.mark.slow
+def test_soak_opens_with_a_tier_down(soak: dict[str, Any]) -> None:
+    check = _check(soak, "opens with a tier down")
+    assert check["held"], check["measured"]
 
 
 @pytest.mark.slow

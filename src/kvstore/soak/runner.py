@@ -77,7 +77,7 @@ class SoakSettings:
         quick = args.quick
         capacities = dict(item.split("=", 1) for item in args.capacities.split(",") if item)
         defaults = ("2MiB", "8MiB", "16MiB") if quick else ("8MiB", "32MiB", "64MiB")
-        duration = args.duration or (24.0 if quick else 600.0)
+        duration = args.duration or (20.0 if quick else 600.0)
         names = () if args.faults == "none" else tuple(args.faults.split(","))
         unknown = set(names) - set(faults.FAULTS)
         if unknown:
@@ -85,7 +85,7 @@ class SoakSettings:
                 f"unknown faults {sorted(unknown)} (known: {', '.join(faults.FAULTS)})"
             )
         warmup = args.warmup or (4.0 if quick else 60.0)
-        interval = args.fault_interval or (3.0 if quick else 30.0)
+        interval = args.fault_interval or (2.5 if quick else 30.0)
         return cls(
             duration_s=duration,
             processes=args.processes or (2 if quick else 3),
@@ -95,7 +95,7 @@ class SoakSettings:
             nvme_bytes=parse_size(capacities.get("nvme", defaults[1])),
             redis_bytes=parse_size(capacities.get("redis", defaults[2])),
             faults=names,
-            fault_s=args.fault_s or (2.5 if quick else 5.0),
+            fault_s=args.fault_s or (2.0 if quick else 5.0),
             fault_interval_s=interval,
             warmup_s=warmup,
             timeout_s=args.timeout_s,
@@ -214,7 +214,8 @@ class FaultInjector:
         self.slots = slots
         self.rng = random.Random(seed)
         self.log: list[dict[str, Any]] = []
-        self._victims = 0
+        self._victims = slots[1:] or slots
+        self._killed = 0
 
     def begin(self, name: str, at: float) -> dict[str, Any]:
         record: dict[str, Any] = {"fault": name, "start_s": at, "end_s": at, "detail": ""}
@@ -235,8 +236,8 @@ class FaultInjector:
             corrupted = faults.corrupt_chunk_files(dirs, CORRUPT_FILES, self.rng)
             record["detail"] = f"64 bytes overwritten in {corrupted} chunk files"
         elif name in ("kill-worker", "restart-in-outage"):
-            slot = self.slots[self._victims % len(self.slots)]
-            self._victims += 1
+            slot = self._victims[self._killed % len(self._victims)]
+            self._killed += 1
             slot.kill()
             record["worker"] = slot.worker
             record["detail"] = f"SIGKILL worker {slot.worker}, restarted"
@@ -245,7 +246,7 @@ class FaultInjector:
                 slot.start()
                 record["detail"] = (
                     f"SIGKILL redis-server and worker {slot.worker}; the worker restarted "
-                    "and opened its store before redis came back"
+                    "while redis was down"
                 )
         self.log.append(record)
         return record
@@ -462,7 +463,7 @@ def _tables(report: dict[str, Any]) -> list[Table]:
 
 
 def add_soak_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--duration", type=float, help="seconds (default 600; 24 with --quick)")
+    parser.add_argument("--duration", type=float, help="seconds (default 600; 20 with --quick)")
     parser.add_argument(
         "--processes", type=int, help="worker processes sharing redis (default 3; 2 with --quick)"
     )
@@ -483,11 +484,9 @@ def add_soak_arguments(parser: argparse.ArgumentParser) -> None:
         help="faults to cycle through, comma-separated, or none (default: all of "
         f"{','.join(faults.FAULTS)})",
     )
+    parser.add_argument("--fault-s", type=float, help="how long a fault lasts (default 5; 2 quick)")
     parser.add_argument(
-        "--fault-s", type=float, help="how long a fault lasts (default 5; 2.5 quick)"
-    )
-    parser.add_argument(
-        "--fault-interval", type=float, help="seconds between faults (default 30; 3 quick)"
+        "--fault-interval", type=float, help="seconds between faults (default 30; 2.5 quick)"
     )
     parser.add_argument(
         "--warmup", type=float, help="seconds before the first fault (default 60; 4 quick)"
