@@ -158,8 +158,8 @@ def private_disk(path: Path, size: int) -> str | None:
     process's own (its children inherit it; it goes away with them). None when
     mounted, else why not (then ``path`` is left a plain directory).
 
-    Without root it needs unprivileged user namespaces, and a process with no
-    other threads yet."""
+    Without root it needs unprivileged user namespaces and a process of one
+    thread, which importing numpy or torch already ends: in practice, root."""
     path.mkdir(parents=True, exist_ok=True)
     libc = ctypes.CDLL(None, use_errno=True)
     uid, gid = os.geteuid(), os.getegid()

@@ -25,9 +25,11 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from rich.console import Console
 from rich.table import Table
 
+from kvstore.chunk import raw_chunk_size
 from kvstore.layout import KVLayout
 from kvstore.sizes import format_size, parse_size
 from kvstore.soak import faults
@@ -57,6 +59,9 @@ CORRUPT_FILES = 8
 
 @dataclass(frozen=True)
 class SoakSettings:
+    """The soak's parameters (``add_soak_arguments`` documents each); capacities in
+    bytes, the cpu and nvme ones per worker."""
+
     duration_s: float
     processes: int
     sessions: int
@@ -126,10 +131,6 @@ class SoakSettings:
 
 def _encoded_chunk_bytes() -> int:
     """Bytes of one encoded chunk (raw codec): header plus KV."""
-    import torch
-
-    from kvstore.chunk import raw_chunk_size
-
     meta = torch.empty(LAYOUT.shape(CHUNK_TOKENS), dtype=LAYOUT.torch_dtype, device="meta")
     return raw_chunk_size(meta)
 
