@@ -186,6 +186,11 @@ class Slot:
                 self.incarnations[-1].rss.append((t, rss))
 
 
+def nvme_dir(disk: Path, worker: int) -> Path:
+    """The nvme tier directory of ``worker``: one process per directory."""
+    return disk / f"worker-{worker}"
+
+
 def rss_of(pid: int) -> int | None:
     """The resident set size of process ``pid`` in bytes (None if it is gone)."""
     try:
@@ -233,7 +238,7 @@ class FaultInjector:
             else:
                 record["detail"] = f"not injected: no private disk ({self.disk_problem})"
         elif name == "corrupt-files":
-            dirs = [self.disk / f"worker-{slot.worker}" for slot in self.slots]
+            dirs = [nvme_dir(self.disk, slot.worker) for slot in self.slots]
             corrupted = faults.corrupt_chunk_files(dirs, CORRUPT_FILES, self.rng)
             record["detail"] = f"64 bytes overwritten in {corrupted} chunk files"
         elif name in ("kill-worker", "restart-in-outage"):
@@ -306,7 +311,7 @@ def run(settings: SoakSettings, run_dir: Path) -> dict[str, Any]:
         return {"url": url, "name": name, "timeout_s": settings.timeout_s, **options}
 
     def plan_for(worker: int) -> Callable[[int, str], WorkerPlan]:
-        nvme = f"nvme://{disk / f'worker-{worker}'}?capacity={format_size(settings.nvme_bytes)}"
+        nvme = f"nvme://{nvme_dir(disk, worker)}?capacity={format_size(settings.nvme_bytes)}"
         store = {
             "name": f"soak-{worker}",
             "chunk_tokens": CHUNK_TOKENS,
@@ -387,7 +392,7 @@ def run(settings: SoakSettings, run_dir: Path) -> dict[str, Any]:
         faults.free_disk(disk)
         files = {}
         for slot in slots:
-            chunk_files = faults.chunk_files(disk / f"worker-{slot.worker}")
+            chunk_files = faults.chunk_files(nvme_dir(disk, slot.worker))
             files[slot.worker] = (len(chunk_files), len({path.parent for path in chunk_files}))
         if disk_problem is None:
             faults.release_disk(disk)
