@@ -34,10 +34,10 @@ START_TIMEOUT_S = 15.0
 FAULTS = (
     "pause-redis",
     "kill-redis",
-    "restart-in-outage",
     "fill-disk",
     "corrupt-files",
     "kill-worker",
+    "restart-in-outage",
 )
 """Every fault the soak can inject, in the order the default schedule cycles through."""
 

@@ -49,6 +49,10 @@ class Incarnation:
     exit_code: int | None = None
     rss: list[tuple[float, int]] = field(default_factory=list)
 
+    def closed(self) -> bool:
+        """Whether this run ended by closing its store (its journal's last word)."""
+        return any(event["event"] == "final" for event in self.events())
+
     def events(self) -> list[dict[str, Any]]:
         if not self.journal.exists():
             return []

@@ -82,7 +82,7 @@ class SoakSettings:
         quick = args.quick
         capacities = dict(item.split("=", 1) for item in args.capacities.split(",") if item)
         defaults = ("2MiB", "8MiB", "16MiB") if quick else ("8MiB", "32MiB", "64MiB")
-        duration = args.duration or (20.0 if quick else 600.0)
+        duration = args.duration or (22.0 if quick else 600.0)
         names = () if args.faults == "none" else tuple(args.faults.split(","))
         unknown = set(names) - set(faults.FAULTS)
         if unknown:
@@ -118,12 +118,20 @@ class SoakSettings:
             slots=max(1, self.sessions // self.processes),
         )
 
+    @property
+    def last_fault_at(self) -> float:
+        """The latest a fault may begin: it then ends half an interval before the end."""
+        return self.duration_s - self.fault_interval_s / 2 - self.fault_s
+
     def schedule(self) -> list[tuple[float, str]]:
         """(seconds from start, fault): one every interval after warm-up, cycling
-        through ``faults``, each ending before the last interval of the run."""
+        through ``faults``, up to ``last_fault_at``. One fault runs at a time: a
+        fault that outlasts its interval (a restart in an outage waits for the
+        worker to open its store) delays the next, which is skipped if that
+        leaves it no time."""
         events: list[tuple[float, str]] = []
         at = self.warmup_s
-        while self.faults and at + self.fault_s <= self.duration_s - self.fault_interval_s / 2:
+        while self.faults and at <= self.last_fault_at:
             events.append((at, self.faults[len(events) % len(self.faults)]))
             at += self.fault_interval_s
         return events
@@ -257,6 +265,11 @@ class FaultInjector:
         self.log.append(record)
         return record
 
+    def skip(self, name: str, at: float) -> None:
+        """Record a fault that an earlier, longer one left no time for."""
+        detail = "not injected: the faults before it left no time"
+        self.log.append({"fault": name, "start_s": at, "end_s": at, "detail": detail})
+
     def can_end(self, record: dict[str, Any]) -> bool:
         """Whether ``record``'s fault may end: a restart in an outage lasts until the
         restarted worker has tried to open its store."""
@@ -277,6 +290,24 @@ class FaultInjector:
         elif name == "kill-worker":
             self.slots[record["worker"]].start()
         record["end_s"] = at
+
+
+def _close_out(slots: list[Slot]) -> int:
+    """Start once more each worker whose last run did not close its store (killed,
+    or failed to open): past the end time it opens, reports and closes, so every
+    nvme directory ends as a closed store left it. The workers that hung."""
+    closing = [slot for slot in slots if not slot.incarnations[-1].closed()]
+    for slot in closing:
+        slot.start()
+    deadline = time.monotonic() + EXIT_GRACE_S
+    while not all(slot.poll(time.time()) for slot in closing):
+        if time.monotonic() > deadline:
+            hung = [slot for slot in closing if not slot.poll(time.time())]
+            for slot in hung:
+                slot.kill()
+            return len(hung)
+        time.sleep(TICK_S)
+    return 0
 
 
 def _wait_opened(slots: list[Slot]) -> None:
@@ -350,9 +381,12 @@ def run(settings: SoakSettings, run_dir: Path) -> dict[str, Any]:
         next_sample = start
         while True:
             now = time.time()
-            while pending and pending[0][0] <= now:
+            if pending and pending[0][0] <= now and not active:
                 _, name = pending.pop(0)
-                active.append((now + settings.fault_s, injector.begin(name, now - start)))
+                if now - start <= settings.last_fault_at:
+                    active.append((now + settings.fault_s, injector.begin(name, now - start)))
+                else:
+                    injector.skip(name, now - start)
             ending = [item for item in active if item[0] <= now and injector.can_end(item[1])]
             for due, record in ending:
                 injector.end(record, now - start)
@@ -384,6 +418,7 @@ def run(settings: SoakSettings, run_dir: Path) -> dict[str, Any]:
             time.sleep(TICK_S)
         for _, record in active:
             injector.end(record, time.time() - start)
+        hung += _close_out(slots)
         redis_keys = redis.keys()
     finally:
         for slot in slots:
@@ -469,7 +504,7 @@ def _tables(report: dict[str, Any]) -> list[Table]:
 
 
 def add_soak_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--duration", type=float, help="seconds (default 600; 20 with --quick)")
+    parser.add_argument("--duration", type=float, help="seconds (default 600; 22 with --quick)")
     parser.add_argument(
         "--processes", type=int, help="worker processes sharing redis (default 3; 2 with --quick)"
     )
@@ -511,16 +546,20 @@ def add_soak_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_soak(args: argparse.Namespace) -> int:
-    """Run the soak and print its tables; 0 when every check held, 1 otherwise."""
+    """Run the soak and print its tables; 0 when every check held, 1 otherwise, 2
+    when it could not run (no redis-server, a worker that never opened its store)."""
     settings = SoakSettings.from_args(args)
     run_dir = args.dir or Path(tempfile.mkdtemp(prefix="kvstore-soak-"))
     run_dir.mkdir(parents=True, exist_ok=True)
+    console = Console()
     try:
         report = run(settings, run_dir)
+    except RuntimeError as exc:
+        console.print(f"[red]error:[/red] the soak could not run: {exc}")
+        return 2
     finally:
         if args.dir is None:
             shutil.rmtree(run_dir, ignore_errors=True)
-    console = Console()
     for table in _tables(report):
         console.print(table)
     load = " ".join(f"{x:.2f}" for x in report["load_average_at_end"])
