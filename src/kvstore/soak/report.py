@@ -6,11 +6,11 @@ Each check is one promise of the store in steady state (docs/benchmarks.md):
 - stores accounted: every chunk of every store is written, already cached or
   failed as ``store`` reported, or was in flight in a worker killed with
   SIGKILL;
-- no crash: no store call raised, no worker hung at exit, no tier counted an
-  internal error (a bug served as a miss; stores that count them);
-- opens with a tier down: every worker opened its store, redis down or not;
 - full tiers keep caching: at most 1% of the new chunks ``store`` tried to
   write to the first tier (never faulted) failed;
+- no crash: no store call raised, no worker hung at exit, and no tier
+  counted an internal error (a bug, served as a miss);
+- opens with a tier down: every worker opened its store, redis down or not;
 - hit rate: at least 90% of an ideal LRU's of the same capacities, replayed
   on the same trace (``kvstore.soak.ideal``);
 - latency: every retrieve and store returned within ``timeout_s`` + 0.5 s;
@@ -50,7 +50,7 @@ class Incarnation:
     rss: list[tuple[float, int]] = field(default_factory=list)
 
     def closed(self) -> bool:
-        """Whether this run ended by closing its store (its journal's last word)."""
+        """Whether this run got to close its store (its journal has the final counters)."""
         return any(event["event"] == "final" for event in self.events())
 
     def events(self) -> list[dict[str, Any]]:
