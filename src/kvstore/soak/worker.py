@@ -1,7 +1,7 @@
 """One soak worker process: an engine's use of the store, journaled line by line.
 
 ``python -m kvstore.soak.worker PLAN.json`` opens a store on the soak's
-tiers and, until the plan's end time, serves its trace: for each request it
+tiers and, until the run's end time, serves its trace: for each request it
 retrieves the cached prefix (checking every chunk against the KV recomputed
 from the tokens), then stores the whole prompt's KV, as an engine does after
 prefill. Each request is journaled before it starts and when it is done, so a
