@@ -81,7 +81,7 @@ class SoakSettings:
     def from_args(cls, args: argparse.Namespace) -> SoakSettings:
         quick = args.quick
         capacities = dict(item.split("=", 1) for item in args.capacities.split(",") if item)
-        defaults = ("2MiB", "8MiB", "16MiB") if quick else ("8MiB", "32MiB", "64MiB")
+        defaults = ("8MiB", "16MiB", "32MiB") if quick else ("16MiB", "32MiB", "64MiB")
         duration = args.duration or (22.0 if quick else 600.0)
         names = () if args.faults == "none" else tuple(args.faults.split(","))
         unknown = set(names) - set(faults.FAULTS)
@@ -515,8 +515,8 @@ def add_soak_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--capacities",
         default="",
-        help="tier capacities, e.g. cpu=8MiB,nvme=32MiB,redis=64MiB (the default; "
-        "cpu=2MiB,nvme=8MiB,redis=16MiB with --quick): cpu and nvme per process, "
+        help="tier capacities, e.g. cpu=16MiB,nvme=32MiB,redis=64MiB (the default; "
+        "cpu=8MiB,nvme=16MiB,redis=32MiB with --quick): cpu and nvme per process, "
         "redis as each process's store counts it",
     )
     parser.add_argument(
