@@ -202,44 +202,20 @@ def test_soak_accounts_for_every_store(soak: dict[str, Any]) -> None:
 
 
 @pytest.mark.slow
-def test_soak_never_crashes(soak: dict[str, Any]) -> None:
-    assert soak["figures"]["crashes"] == []
-    assert _check(soak, "no crash")["held"], _check(soak, "no crash")["measured"]
-
-
-@pytest.mark.slow
-def test_soak_opens_with_a_tier_down(soak: dict[str, Any]) -> None:
-    check = _check(soak, "opens with a tier down")
-    assert check["held"], check["measured"]
-
-
-@pytest.mark.slow
-def test_soak_full_tiers_keep_caching(soak: dict[str, Any]) -> None:
-    check = _check(soak, "full tiers keep caching")
-    assert check["held"], check["measured"]
-
-
-@pytest.mark.slow
-def test_soak_calls_return_within_timeout(soak: dict[str, Any]) -> None:
-    check = _check(soak, "call latency")
-    assert check["held"], check["measured"]
-
-
-@pytest.mark.slow
-def test_soak_hit_rate_is_near_an_ideal_lru(soak: dict[str, Any]) -> None:
-    check = _check(soak, "hit rate")
-    assert check["held"], check["measured"]
-
-
-@pytest.mark.slow
-def test_soak_memory_is_flat_after_warm_up(soak: dict[str, Any]) -> None:
-    check = _check(soak, "memory flat")
-    assert check["held"], check["measured"]
-
-
-@pytest.mark.slow
-def test_soak_counts_every_file_on_disk(soak: dict[str, Any]) -> None:
-    check = _check(soak, "files vs entries")
+@pytest.mark.parametrize(
+    "promise",
+    [
+        "no crash",
+        "full tiers keep caching",
+        "opens with a tier down",
+        "call latency",
+        "hit rate",
+        "memory flat",
+        "files vs entries",
+    ],
+)
+def test_soak_keeps_its_promise(soak: dict[str, Any], promise: str) -> None:
+    check = _check(soak, promise)
     assert check["held"], check["measured"]
 
 
