@@ -27,10 +27,10 @@ import torch
 from redis_server import redis_available
 
 from kvstore.layout import KVLayout
-from kvstore.soak.faults import FAULTS, RedisProcess, chunk_files, corrupt_chunk_files
+from kvstore.soak.faults import RedisProcess, chunk_files, corrupt_chunk_files
 from kvstore.soak.ideal import TraceRequest, replay
+from kvstore.soak.options import FAULTS, SoakSettings, add_soak_arguments
 from kvstore.soak.report import Incarnation, checks, figures
-from kvstore.soak.runner import SoakSettings, add_soak_arguments
 from kvstore.soak.workload import WorkerTrace, WorkloadSpec, expected_kv, wrong_chunks
 from kvstore.sync import SyncDriver
 

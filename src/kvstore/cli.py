@@ -84,13 +84,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_soak(args: argparse.Namespace) -> int:
-    from kvstore.soak import run_soak
+    from kvstore.soak.command import run_soak
 
     return run_soak(args)
 
 
 def _soak_arguments(parser: argparse.ArgumentParser) -> None:
-    from kvstore.soak import add_soak_arguments
+    from kvstore.soak.options import add_soak_arguments
 
     add_soak_arguments(parser)
 

@@ -12,6 +12,7 @@ hit rate, latency, memory and files on disk with what the store promises
 
 from __future__ import annotations
 
-from kvstore.soak.runner import add_soak_arguments, main, run_soak
+from kvstore.soak.command import main, run_soak
+from kvstore.soak.options import add_soak_arguments
 
 __all__ = ["add_soak_arguments", "main", "run_soak"]

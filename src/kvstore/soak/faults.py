@@ -31,15 +31,6 @@ from kvstore.drivers.nvme.layout import HEADER_SIZE, HeaderError, decode_header
 
 HOST = "127.0.0.1"
 START_TIMEOUT_S = 15.0
-FAULTS = (
-    "pause-redis",
-    "kill-redis",
-    "fill-disk",
-    "corrupt-files",
-    "kill-worker",
-    "restart-in-outage",
-)
-"""Every fault the soak can inject, in the order the default schedule cycles through."""
 
 _CLONE_NEWNS = 0x00020000
 _CLONE_NEWUSER = 0x10000000
@@ -159,7 +150,8 @@ def private_disk(path: Path, size: int) -> str | None:
     mounted, else why not (then ``path`` is left a plain directory).
 
     Without root it needs unprivileged user namespaces and a process of one
-    thread, which importing numpy or torch already ends: in practice, root."""
+    thread: ``kvstore.soak.command`` calls it before importing numpy and torch,
+    which start threads."""
     path.mkdir(parents=True, exist_ok=True)
     libc = ctypes.CDLL(None, use_errno=True)
     uid, gid = os.geteuid(), os.getegid()

@@ -11,28 +11,24 @@ chunk files on disk and computes the report (``kvstore.soak.report``).
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import random
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
-from rich.console import Console
 from rich.table import Table
 
 from kvstore.chunk import raw_chunk_size
 from kvstore.layout import KVLayout
-from kvstore.sizes import format_size, parse_size
+from kvstore.sizes import format_size
 from kvstore.soak import faults
+from kvstore.soak.options import SoakSettings
 from kvstore.soak.report import (
     Check,
     Incarnation,
@@ -55,86 +51,6 @@ EXIT_GRACE_S = 60.0
 OPEN_WAIT_S = 300.0
 _OPENED = ("open", "open_failed")
 CORRUPT_FILES = 8
-
-
-@dataclass(frozen=True)
-class SoakSettings:
-    """The soak's parameters (``add_soak_arguments`` documents each); capacities in
-    bytes, the cpu and nvme ones per worker."""
-
-    duration_s: float
-    processes: int
-    sessions: int
-    prefixes: int
-    cpu_bytes: int
-    nvme_bytes: int
-    redis_bytes: int
-    faults: tuple[str, ...]
-    fault_s: float
-    fault_interval_s: float
-    warmup_s: float
-    timeout_s: float
-    write_policy: str
-    seed: int
-
-    @classmethod
-    def from_args(cls, args: argparse.Namespace) -> SoakSettings:
-        quick = args.quick
-        capacities = dict(item.split("=", 1) for item in args.capacities.split(",") if item)
-        defaults = ("8MiB", "16MiB", "32MiB") if quick else ("16MiB", "32MiB", "64MiB")
-        duration = args.duration or (22.0 if quick else 600.0)
-        names = () if args.faults == "none" else tuple(args.faults.split(","))
-        unknown = set(names) - set(faults.FAULTS)
-        if unknown:
-            raise SystemExit(
-                f"unknown faults {sorted(unknown)} (known: {', '.join(faults.FAULTS)})"
-            )
-        warmup = args.warmup or (4.0 if quick else 60.0)
-        interval = args.fault_interval or (2.5 if quick else 30.0)
-        return cls(
-            duration_s=duration,
-            processes=args.processes or (2 if quick else 3),
-            sessions=args.sessions or (32 if quick else 96),
-            prefixes=args.prefixes,
-            cpu_bytes=parse_size(capacities.get("cpu", defaults[0])),
-            nvme_bytes=parse_size(capacities.get("nvme", defaults[1])),
-            redis_bytes=parse_size(capacities.get("redis", defaults[2])),
-            faults=names,
-            fault_s=args.fault_s or (2.0 if quick else 5.0),
-            fault_interval_s=interval,
-            warmup_s=warmup,
-            timeout_s=args.timeout_s,
-            write_policy=args.write_policy,
-            seed=args.seed,
-        )
-
-    @property
-    def spec(self) -> WorkloadSpec:
-        return WorkloadSpec(
-            seed=self.seed,
-            layout=LAYOUT,
-            chunk_tokens=CHUNK_TOKENS,
-            prefixes=self.prefixes,
-            slots=max(1, self.sessions // self.processes),
-        )
-
-    @property
-    def last_fault_at(self) -> float:
-        """The latest a fault may begin: it then ends half an interval before the end."""
-        return self.duration_s - self.fault_interval_s / 2 - self.fault_s
-
-    def schedule(self) -> list[tuple[float, str]]:
-        """(seconds from start, fault): one every interval after warm-up, cycling
-        through ``faults``, up to ``last_fault_at``. One fault runs at a time: a
-        fault that outlasts its interval (a restart in an outage waits for the
-        worker to open its store) delays the next, which is skipped if that
-        leaves it no time."""
-        events: list[tuple[float, str]] = []
-        at = self.warmup_s
-        while self.faults and at <= self.last_fault_at:
-            events.append((at, self.faults[len(events) % len(self.faults)]))
-            at += self.fault_interval_s
-        return events
 
 
 def _encoded_chunk_bytes() -> int:
@@ -323,20 +239,27 @@ def _wait_opened(slots: list[Slot]) -> None:
     raise RuntimeError(f"the workers did not open their stores within {OPEN_WAIT_S:.0f} s")
 
 
-def run(settings: SoakSettings, run_dir: Path) -> dict[str, Any]:
-    """Run the soak in ``run_dir``; the JSON report."""
-    disk = run_dir / "disk"
-    disk_size = settings.processes * settings.nvme_bytes * 5 // 4 + (8 << 20)
-    disk_problem = (
-        faults.private_disk(disk, disk_size) if "fill-disk" in settings.faults else "not asked"
+def workload_spec(settings: SoakSettings) -> WorkloadSpec:
+    return WorkloadSpec(
+        seed=settings.seed,
+        layout=LAYOUT,
+        chunk_tokens=CHUNK_TOKENS,
+        prefixes=settings.prefixes,
+        slots=max(1, settings.sessions // settings.processes),
     )
+
+
+def run(settings: SoakSettings, run_dir: Path, disk_problem: str | None) -> dict[str, Any]:
+    """Run the soak in ``run_dir``; the JSON report. ``run_dir / "disk"`` is the
+    private disk, or ``disk_problem`` says why it is a plain directory."""
+    disk = run_dir / "disk"
     disk.mkdir(parents=True, exist_ok=True)
     redis = faults.RedisProcess(
         run_dir / "redis", maxmemory=settings.processes * settings.redis_bytes * 2 + (16 << 20)
     )
     redis.start()
     start_file = run_dir / "end-time"
-    spec = settings.spec
+    spec = workload_spec(settings)
 
     def tier(url: str, name: str, **options: Any) -> dict[str, Any]:
         return {"url": url, "name": name, "timeout_s": settings.timeout_s, **options}
@@ -474,7 +397,7 @@ def _report(
     }
 
 
-def _tables(report: dict[str, Any]) -> list[Table]:
+def report_tables(report: dict[str, Any]) -> list[Table]:
     settings = report["settings"]
     checks_table = Table(
         title=(
@@ -501,75 +424,3 @@ def _tables(report: dict[str, Any]) -> list[Table]:
             f"{record['slowest_call_s']:.2f} s",
         )
     return [checks_table, faults_table]
-
-
-def add_soak_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--duration", type=float, help="seconds (default 600; 22 with --quick)")
-    parser.add_argument(
-        "--processes", type=int, help="worker processes sharing redis (default 3; 2 with --quick)"
-    )
-    parser.add_argument(
-        "--sessions", type=int, help="session slots over all workers (default 96; 32 with --quick)"
-    )
-    parser.add_argument("--prefixes", type=int, default=12, help="shared prefixes (default 12)")
-    parser.add_argument(
-        "--capacities",
-        default="",
-        help="tier capacities, e.g. cpu=16MiB,nvme=32MiB,redis=64MiB (the default; "
-        "cpu=8MiB,nvme=16MiB,redis=32MiB with --quick): cpu and nvme per process, "
-        "redis as each process's store counts it",
-    )
-    parser.add_argument(
-        "--faults",
-        default=",".join(faults.FAULTS),
-        help="faults to cycle through, comma-separated, or none (default: all of "
-        f"{','.join(faults.FAULTS)})",
-    )
-    parser.add_argument("--fault-s", type=float, help="how long a fault lasts (default 5; 2 quick)")
-    parser.add_argument(
-        "--fault-interval", type=float, help="seconds between faults (default 30; 2.5 quick)"
-    )
-    parser.add_argument(
-        "--warmup", type=float, help="seconds before the first fault (default 60; 4 quick)"
-    )
-    parser.add_argument("--timeout-s", type=float, default=1.0, help="every tier's timeout_s (1)")
-    parser.add_argument(
-        "--write-policy",
-        choices=("write-through", "write-back"),
-        default="write-through",
-        help="the cpu and nvme tiers' write policy (default write-through)",
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dir", type=Path, help="work directory (default: a temporary one)")
-    parser.add_argument("--quick", action="store_true", help="a short soak (what CI runs)")
-    parser.add_argument("--json", metavar="FILE", help="also write the report as JSON to FILE")
-
-
-def run_soak(args: argparse.Namespace) -> int:
-    """Run the soak and print its tables; 0 when every check held, 1 otherwise, 2
-    when it could not run (no redis-server, a worker that never opened its store)."""
-    settings = SoakSettings.from_args(args)
-    run_dir = args.dir or Path(tempfile.mkdtemp(prefix="kvstore-soak-"))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    console = Console()
-    try:
-        report = run(settings, run_dir)
-    except RuntimeError as exc:
-        console.print(f"[red]error:[/red] the soak could not run: {exc}")
-        return 2
-    finally:
-        if args.dir is None:
-            shutil.rmtree(run_dir, ignore_errors=True)
-    for table in _tables(report):
-        console.print(table)
-    load = " ".join(f"{x:.2f}" for x in report["load_average_at_end"])
-    console.print(f"load average at the end: {load}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
-    return 0 if report["held"] else 1
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="kvstore soak", description=__doc__)
-    add_soak_arguments(parser)
-    return run_soak(parser.parse_args(argv))
