@@ -56,7 +56,9 @@ def test_missing_dependency_names_the_extra() -> None:
     registry = DriverRegistry()
     registry.register(
         plugin(
-            "needy", target="kvstore_missing_backend.driver:Driver", install_hint="kvstore[needy]"
+            "needy",
+            target="kvstore_missing_backend.driver:Driver",
+            install_hint="kvstore-llm[needy]",
         ),
         name="needy",
         source="dist",

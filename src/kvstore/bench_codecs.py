@@ -115,7 +115,7 @@ class ModelProbe:
             from transformers import LlamaConfig, LlamaForCausalLM
         except ImportError:
             raise ConfigError(
-                "kvstore bench codecs needs transformers: pip install 'kvstore[hf]'"
+                "kvstore bench codecs needs transformers: pip install 'kvstore-llm[hf]'"
             ) from None
         config = LlamaConfig(
             vocab_size=shape.vocab,

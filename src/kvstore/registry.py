@@ -38,7 +38,7 @@ class DriverInfo:
     target: ``"package.module:ClassName"`` of the Driver subclass, imported lazily.
     summary: one line for ``kvstore drivers``.
     install_hint: what to install when ``target`` fails to import
-        (``"kvstore[redis]"``); ``None`` when it needs nothing extra.
+        (``"kvstore-llm[redis]"``); ``None`` when it needs nothing extra.
     """
 
     scheme: str
