@@ -53,6 +53,9 @@ SGLANG_IMPORT_DEPS = (
     "pillow==13.0.0",
     "msgspec==0.23.0",
     "pyzmq==27.3.0",
+    "orjson==3.13.0",
+    "ipython==9.18.1",
+    "traitlets==5.16.1",
 )
 FULL_IMPORT = os.environ.get("KVSTORE_TEST_SGLANG_FULL_IMPORT") == "1"
 
@@ -63,8 +66,13 @@ def _cache_dir() -> Path:
 
 
 def pip_target(name: str, requirements: tuple[str, ...]) -> Path:
-    """``requirements`` installed with ``pip --no-deps --target`` into a cached directory."""
-    target = _cache_dir() / name
+    """``requirements`` installed with ``pip --no-deps --target`` into a cached directory.
+
+    The directory's name carries a digest of ``requirements``, so a changed list
+    is installed afresh instead of reusing an older directory.
+    """
+    digest = hashlib.blake2b("\n".join(requirements).encode(), digest_size=6).hexdigest()
+    target = _cache_dir() / f"{name}-{digest}"
     if (target / ".complete").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
