@@ -20,15 +20,17 @@ def _cmd_drivers(args: argparse.Namespace) -> int:
     table = Table(title="kvstore drivers")
     for column in ("scheme", "source", "summary", "status", "capabilities"):
         table.add_column(column)
+    unavailable: list[tuple[str, str]] = []
     for registered in default_registry().drivers():
         try:
             cls = registered.load()
         except KVStoreError as exc:
+            unavailable.append((registered.info.scheme, exc.message))
             table.add_row(
                 registered.info.scheme,
                 registered.source,
                 registered.info.summary,
-                f"[red]unavailable[/red]: {escape(exc.message)}",
+                "[red]unavailable[/red] (below)",
                 "",
             )
             continue
@@ -40,6 +42,9 @@ def _cmd_drivers(args: argparse.Namespace) -> int:
             ", ".join(cls.static_capabilities.summary()),
         )
     console.print(table)
+    # Load errors carry the install hint: printed in full width, not squeezed into a column.
+    for scheme, message in unavailable:
+        console.print(f"[red]{scheme}[/red]: {escape(message)}")
     return 0
 
 
