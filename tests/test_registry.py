@@ -28,7 +28,7 @@ def test_shipped_drivers_come_from_entry_points() -> None:
     registry = default_registry()
     schemes = {d.info.scheme: d for d in registry.drivers()}
     assert {"cpu", "nvme"} <= set(schemes)
-    assert schemes["cpu"].source.startswith("kvstore ")
+    assert schemes["cpu"].source.startswith("kvstore-llm ")
     assert registry.get("nvme").load().__name__ == "NvmeDriver"
 
 
@@ -63,7 +63,7 @@ def test_missing_dependency_names_the_extra() -> None:
         name="needy",
         source="dist",
     )
-    with pytest.raises(DriverLoadError, match=r"pip install 'kvstore\[needy\]'"):
+    with pytest.raises(DriverLoadError, match=r"pip install 'kvstore-llm\[needy\]'"):
         registry.get("needy").load()
 
 
