@@ -126,7 +126,9 @@ async def test_registry_opens_the_driver_from_a_url(tmp_path: Path) -> None:
             True,
             False,
         )
-        assert caps.capacity_bytes == caps.max_value_bytes == MiB
+        assert caps.capacity_bytes == MiB
+        assert caps.max_value_bytes == MiB - HEADER_SIZE  # the largest value whose file fits
+        assert opened.footprint(caps.max_value_bytes) == MiB
     finally:
         await opened.close()
 
@@ -280,22 +282,23 @@ async def test_a_second_driver_cannot_open_a_locked_directory(tmp_path: Path) ->
     await second.close()
 
 
-async def test_capacity_is_a_hard_limit(tmp_path: Path) -> None:
+async def test_capacity_is_a_hard_limit_on_file_bytes(tmp_path: Path) -> None:
+    """Capacity counts each value's file: a 4 KiB header plus the value padded to 4 KiB."""
     async with await open_nvme(tmp_path / "store", capacity="64KiB") as opened:
-        await opened.put_many([(b"a", bytes(40_000))])
+        assert opened.footprint(40_000) == file_size(40_000) == HEADER_SIZE + 40 * 1024
+        await opened.put_many([(b"a", bytes(40_000))])  # 44 KiB on disk
         with pytest.raises(CapacityError):
-            await opened.put_many([(b"b", bytes(30_000))])
+            await opened.put_many([(b"b", bytes(20_000))])  # 24 KiB more
         with pytest.raises(CapacityError):
-            await opened.put_many([(b"huge", bytes(64 * 1024 + 1))])
+            await opened.put_many([(b"huge", bytes(64 * 1024 - HEADER_SIZE + 1))])
         with pytest.raises(CapacityError):
-            await opened.put_many([(b"c", bytes(10_000)), (b"d", bytes(20_000))])
+            await opened.put_many([(b"c", bytes(5_000)), (b"d", bytes(5_000))])
         assert await opened.contains_many([b"b", b"c", b"d"]) == [False, False, False]
-        await opened.put_many([(b"a", bytes(60_000))])
-        await opened.put_many([(b"e", bytes(64 * 1024 - 60_000))])
+        await opened.put_many([(b"e", bytes(16 * 1024 - HEADER_SIZE))])  # exactly full
         usage = await opened.usage()
-        assert (usage.entries, usage.bytes, usage.capacity_bytes) == (2, 64 * 1024, 64 * 1024)
+        assert (usage.entries, usage.bytes, usage.capacity_bytes) == (2, 52_288, 64 * 1024)
         await opened.delete_many([b"a"])
-        await opened.put_many([(b"b", bytes(30_000))])
+        await opened.put_many([(b"b", bytes(20_000))])
 
 
 async def test_full_disk_is_a_capacity_error(tmp_path: Path) -> None:
@@ -391,7 +394,7 @@ async def test_cancelled_put_leaves_no_temp_files_or_reservations(tmp_path: Path
             await task
         assert temp_files(root) == []
         await opened.delete_many([b"big"])
-        await opened.put_many([(b"other", bytes(24 * MiB))])
+        await opened.put_many([(b"other", bytes(24 * MiB - HEADER_SIZE))])
 
 
 async def test_close_releases_the_directory(tmp_path: Path) -> None:

@@ -49,6 +49,8 @@ from .layout import (
     SHARDS,
     encode_header,
     entry_path,
+    file_size,
+    largest_value,
     padded,
     scan_shard,
     temp_path,
@@ -67,7 +69,9 @@ class NvmeConfig(DriverConfig):
     """Where and how the nvme driver stores values.
 
     path: the store directory (created if missing), absolute or relative.
-    capacity: hard limit on stored value bytes; a put past it raises CapacityError.
+    capacity: hard limit on the disk bytes the value files take (each value's
+        ``footprint``: a 4 KiB header plus the value padded to 4 KiB); a put past
+        it raises CapacityError.
     direct_io: ``auto`` uses O_DIRECT and falls back to buffered I/O where the
         filesystem refuses it; ``on`` makes that refusal an error; ``off`` is buffered.
     io_threads: threads doing disk I/O, i.e. the queue depth the driver keeps.
@@ -131,7 +135,7 @@ class NvmeDriver(Driver[NvmeConfig]):
             listable=True,
             zero_copy=True,
             shared=False,
-            max_value_bytes=config.capacity,
+            max_value_bytes=largest_value(config.capacity),
             capacity_bytes=config.capacity,
             details=(("io", io_mode), ("zero_copy", ZERO_COPY_NOTE), ("path", root)),
         )
@@ -151,19 +155,24 @@ class NvmeDriver(Driver[NvmeConfig]):
     def capabilities(self) -> Capabilities:
         return self._capabilities
 
+    def footprint(self, nbytes: int) -> int:
+        """The value's file: a 4 KiB header block plus the value padded to 4 KiB."""
+        return file_size(nbytes)
+
     async def _put_many(self, items: list[tuple[bytes, memoryview]]) -> None:
         values = dict(items)
         capacity = self.config.capacity
         for value in values.values():
-            if len(value) > capacity:
+            if file_size(len(value)) > capacity:
                 raise CapacityError(
-                    f"a value of {len(value)} bytes exceeds the capacity of {capacity} bytes",
+                    f"a value of {len(value)} bytes takes {file_size(len(value))} bytes on disk, "
+                    f"more than the capacity of {capacity} bytes",
                     driver=self.name,
                 )
         if not self._index.reserve((key, len(value)) for key, value in values.items()):
-            total = sum(len(value) for value in values.values())
+            total = sum(file_size(len(value)) for value in values.values())
             raise CapacityError(
-                f"{len(values)} values of {total} bytes do not fit: "
+                f"{len(values)} values taking {total} bytes on disk do not fit: "
                 f"{self._index.used} of {capacity} bytes are used",
                 driver=self.name,
             )
@@ -186,7 +195,7 @@ class NvmeDriver(Driver[NvmeConfig]):
             yield entry
 
     async def _usage(self) -> Usage:
-        return Usage(len(self._index), self._index.used, self.config.capacity)
+        return Usage(len(self._index), self._index.value_bytes, self.config.capacity)
 
     async def _close(self) -> None:
         await self._inflight.drain()

@@ -59,6 +59,11 @@ def file_size(value_length: int) -> int:
     return HEADER_SIZE + padded(value_length)
 
 
+def largest_value(capacity: int) -> int:
+    """The longest value whose file fits in ``capacity`` bytes (0 when none does)."""
+    return max(0, (capacity - HEADER_SIZE) // ALIGN * ALIGN)
+
+
 def shard_of(key: bytes) -> str:
     """The shard directory name of ``key``: its first byte in hex."""
     return f"{key[0]:02x}"
