@@ -30,6 +30,7 @@ from kvstore.drivers.nvme.layout import (
     entry_path,
     file_size,
     padded,
+    shard_of,
 )
 from kvstore.errors import (
     CapacityError,
@@ -37,6 +38,8 @@ from kvstore.errors import (
     DriverClosedError,
     DriverUnavailableError,
 )
+from kvstore.keys import Namespace, chunk_keys, storage_prefix
+from kvstore.layout import KVLayout
 from kvstore.registry import open_driver
 
 MiB = 1 << 20
@@ -211,7 +214,7 @@ async def test_file_layout_and_header(driver: NvmeDriver, tmp_path: Path) -> Non
     long_key = bytes(range(256))
     await driver.put_many([(b"\x12\x34", value), (long_key, b"long"), (b"empty", b"")])
     path = entry_path(root, b"\x12\x34")
-    assert path == os.path.join(root, "12", "1234")
+    assert path == os.path.join(root, shard_of(b"\x12\x34"), "1234")
     data = read_bytes(path)
     assert len(data) == file_size(len(value)) == HEADER_SIZE + 2 * ALIGN
     assert decode_header(data[:HEADER_SIZE]) == (b"\x12\x34", len(value))
@@ -219,6 +222,39 @@ async def test_file_layout_and_header(driver: NvmeDriver, tmp_path: Path) -> Non
     assert len(read_bytes(entry_path(root, b"empty"))) == HEADER_SIZE
     assert len(os.path.basename(entry_path(root, long_key))) < 100
     assert await driver.get_many([long_key, b"empty"]) == [b"long", b""]
+
+
+async def test_storage_keys_spread_over_the_shards(tmp_path: Path) -> None:
+    """Every storage key of a namespace starts with the same tenant and namespace
+    tags; the shard is chosen by a hash of the whole key, so they still spread."""
+    namespace = Namespace("model", "rev", KVLayout(2, 2, 32), chunk_tokens=4)
+    keys = [
+        storage_prefix(namespace) + key
+        for key in chunk_keys(namespace.digest(), list(range(4 * 116)), 4)
+    ]
+    async with await open_nvme(tmp_path / "store", fsync=False) as opened:
+        await opened.put_many([(key, b"v") for key in keys])
+    shards = {Path(entry_path(str(tmp_path / "store"), key)).parent.name for key in keys}
+    assert len(shards) > 64  # 116 keys over 256 shards: about 93 expected, 1 by first byte
+    for shard in shards:
+        assert any((tmp_path / "store" / shard).iterdir())
+
+
+async def test_files_of_the_first_byte_layout_are_moved_into_place(tmp_path: Path) -> None:
+    """Directories written when the shard was the key's first byte stay readable."""
+    root = tmp_path / "store"
+    values = {f"key-{i}".encode(): payload(5000, seed=i) for i in range(8)}
+    async with await open_nvme(root) as first:
+        await first.put_many(list(values.items()))
+    for key in values:
+        old = root / f"{key[0]:02x}" / key.hex()
+        os.replace(entry_path(str(root), key), old)
+    async with await open_nvme(root) as reopened:
+        got = await reopened.get_many(list(values))
+        assert [bytes(v) if v else None for v in got] == list(values.values())
+    placed = [Path(entry_path(str(root), key)) for key in values]
+    assert existing(*placed) == placed
+    assert not any((root / f"{b'k'[0]:02x}").iterdir())
 
 
 async def test_values_persist_across_reopen(tmp_path: Path) -> None:
@@ -321,7 +357,7 @@ async def test_full_disk_is_a_capacity_error(tmp_path: Path) -> None:
 async def test_other_disk_failures_are_driver_unavailable(
     driver: NvmeDriver, tmp_path: Path
 ) -> None:
-    shard = tmp_path / "store" / "61"
+    shard = tmp_path / "store" / shard_of(b"a")
     shard.rmdir()
     shard.write_bytes(b"")
     with pytest.raises(DriverUnavailableError):

@@ -476,6 +476,9 @@ def _prepare(config: NvmeConfig, pool: ThreadPoolExecutor) -> tuple[str, int, En
             removed_temp,
             removed_invalid,
         )
+    relocated = sum(scan.relocated for scan in scans)
+    if relocated:
+        log.info("%s: moved %d files into the shards their keys hash to", root, relocated)
     index = EntryIndex(config.capacity, (entry for scan in scans for entry in scan.entries))
     if index.used > config.capacity:
         log.warning(
