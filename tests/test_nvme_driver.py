@@ -307,15 +307,40 @@ async def test_file_truncated_under_an_open_driver_reads_as_a_miss(
     assert (await driver.usage()).bytes == 0
 
 
-async def test_a_second_driver_cannot_open_a_locked_directory(tmp_path: Path) -> None:
-    first = await open_nvme(tmp_path / "store")
+async def test_with_one_slot_a_second_driver_cannot_open_a_locked_directory(
+    tmp_path: Path,
+) -> None:
+    first = await open_nvme(tmp_path / "store", slots=1)
     try:
         with pytest.raises(DriverUnavailableError, match="in use by another open nvme driver"):
-            await open_nvme(tmp_path / "store")
+            await open_nvme(tmp_path / "store", slots=1)
     finally:
         await first.close()
-    second = await open_nvme(tmp_path / "store")
+    second = await open_nvme(tmp_path / "store", slots=1)
     await second.close()
+
+
+async def test_drivers_sharing_a_directory_take_private_slots(tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    first = await open_nvme(root, slots=3)
+    second = await open_nvme(root, slots=3)
+    third = await open_nvme(root, slots=3)
+    try:
+        assert first.capabilities.detail("path") == str(root)
+        assert second.capabilities.detail("path") == str(root / "slots" / "1")
+        assert third.capabilities.detail("path") == str(root / "slots" / "2")
+        await first.put_many([(b"k", b"first")])
+        await second.put_many([(b"k", b"second")])
+        assert await third.get_many([b"k"]) == [None]
+        with pytest.raises(DriverUnavailableError, match="all 3 slots are taken"):
+            await open_nvme(root, slots=3)
+    finally:
+        await second.close()
+    async with await open_nvme(root, slots=3) as reopened:  # the free slot, values kept
+        assert reopened.capabilities.detail("path") == str(root / "slots" / "1")
+        assert await reopened.get_many([b"k"]) == [b"second"]
+    await first.close()
+    await third.close()
 
 
 async def test_capacity_is_a_hard_limit_on_file_bytes(tmp_path: Path) -> None:
