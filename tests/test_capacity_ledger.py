@@ -19,8 +19,10 @@ from redis_server import RedisServer, redis_available
 from s3_server import MotoS3Server
 
 from kvstore.config import StoreConfig
+from kvstore.conformance.faults import FaultPlan, FaultyDriver
 from kvstore.keys import Namespace
 from kvstore.layout import KVLayout
+from kvstore.registry import open_driver
 from kvstore.store import AsyncKVStore
 
 LAYOUT = KVLayout(num_layers=9, num_kv_heads=8, head_dim=128)
@@ -128,3 +130,12 @@ async def test_cpu_footprint_is_whole_pages(url: str, expected: int) -> None:
         assert store.tiers[0].footprint(PAYLOAD + 128) == expected
     finally:
         await store.close()
+
+
+async def test_a_wrapped_driver_reports_the_footprint_of_the_driver_it_wraps() -> None:
+    inner = await open_driver("cpu://?capacity=4MiB")
+    wrapped = FaultyDriver.wrap(inner, FaultPlan(probability=0.0))
+    try:
+        assert wrapped.footprint(PAYLOAD + 128) == inner.footprint(PAYLOAD + 128) == 3 * (256 << 10)
+    finally:
+        await wrapped.close()
