@@ -530,7 +530,8 @@ class AsyncKVStore:
     async def _write(self, tier: Tier, chunks: list[_Encoded], *, retry_full: bool = True) -> int:
         """Put chunks into ``tier``, evicting to make room; the number written.
 
-        Room is each chunk's footprint in the tier. What a failed put stored
+        Room is each chunk's footprint in the tier; a chunk over the driver's
+        ``max_value_bytes`` is dropped unsent. What a failed put stored
         anyway is counted, so the index holds every chunk the tier holds. A
         driver full below ``tier.limit`` (a disk or quota filled up) lowers the
         limit (``Tier.note_full``), and the chunks it refused are tried once
@@ -538,9 +539,11 @@ class AsyncKVStore:
         """
         if not chunks:
             return 0
+        largest = tier.driver.capabilities.max_value_bytes
         fitting: list[_Encoded] = []
         for chunk in chunks:
-            if await self._reserve(tier, tier.footprint(len(chunk.view))):
+            too_large = largest is not None and len(chunk.view) > largest
+            if not too_large and await self._reserve(tier, tier.footprint(len(chunk.view))):
                 fitting.append(chunk)
             else:
                 tier.stats.dropped_writes += 1
