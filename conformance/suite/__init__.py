@@ -11,6 +11,7 @@ from .concurrency import ConcurrencyTests
 from .core import CoreTests
 from .errors import ErrorTests
 from .faults import FaultTests
+from .footprint import FootprintTests
 from .keyspec import KeySpecTests
 from .loans import LoanTests
 from .persistence import PersistenceTests
@@ -20,6 +21,7 @@ class DriverTests(
     FaultTests,
     LoanTests,
     ErrorTests,
+    FootprintTests,
     CapacityTests,
     PersistenceTests,
     ConcurrencyTests,
@@ -44,6 +46,7 @@ __all__ = [
     "DriverTests",
     "ErrorTests",
     "FaultTests",
+    "FootprintTests",
     "KeySpecTests",
     "LoanTests",
     "PersistenceTests",

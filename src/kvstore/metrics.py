@@ -314,7 +314,10 @@ def _families() -> dict[str, _Family]:
             labels=operation,
         ),
         "used": GaugeMetricFamily(
-            "kvstore_tier_used_bytes", "Bytes of chunks a tier holds.", labels=tier, unit="bytes"
+            "kvstore_tier_used_bytes",
+            "Room the chunks a tier holds occupy (their footprints).",
+            labels=tier,
+            unit="bytes",
         ),
         "capacity": GaugeMetricFamily(
             "kvstore_tier_capacity_bytes",

@@ -35,6 +35,7 @@ from kvstore.codecs import Codec, KeyRing, codec_stack
 from kvstore.config import StoreConfig
 from kvstore.driver import Driver
 from kvstore.errors import (
+    CapacityError,
     ConfigError,
     DriverUnavailableError,
     IntegrityError,
@@ -526,37 +527,63 @@ class AsyncKVStore:
         )
         return await self._encode(chunk.key, kv, codecs)
 
-    async def _write(self, tier: Tier, chunks: list[_Encoded]) -> int:
-        """Put chunks into ``tier``, evicting to make room; the number written."""
+    async def _write(self, tier: Tier, chunks: list[_Encoded], *, retry_full: bool = True) -> int:
+        """Put chunks into ``tier``, evicting to make room; the number written.
+
+        Room is each chunk's footprint in the tier; a chunk over the driver's
+        ``max_value_bytes`` is dropped unsent. What a failed put stored
+        anyway is counted, so the index holds every chunk the tier holds. A
+        driver full below ``tier.limit`` (a disk or quota filled up) lowers the
+        limit (``Tier.note_full``), and the chunks it refused are tried once
+        more after evicting.
+        """
         if not chunks:
             return 0
+        largest = tier.driver.capabilities.max_value_bytes
         fitting: list[_Encoded] = []
         for chunk in chunks:
-            if await self._reserve(tier, len(chunk.view)):
+            too_large = largest is not None and len(chunk.view) > largest
+            if not too_large and await self._reserve(tier, tier.footprint(len(chunk.view))):
                 fitting.append(chunk)
             else:
                 tier.stats.dropped_writes += 1
         if not fitting:
             return 0
-        cost = sum(len(c.view) for c in fitting)
+        cost = sum(tier.footprint(len(c.view)) for c in fitting)
+        failure: Exception | None = None
         try:
             await tier.call("put_many", tier.driver.put_many([(c.key, c.view) for c in fitting]))
-        except Exception:
-            return 0
+        except Exception as exc:
+            failure = exc
         finally:
             tier.reserved -= cost
-        for chunk in fitting:
-            tier.record(chunk.key, len(chunk.view))
-        tier.stats.chunks_written += len(fitting)
-        tier.stats.bytes_written += cost
-        return len(fitting)
+        landed = fitting if failure is None else await self._landed(tier, fitting)
+        for chunk in landed:
+            tier.record(chunk.key, tier.footprint(len(chunk.view)))
+        tier.stats.chunks_written += len(landed)
+        tier.stats.bytes_written += sum(len(c.view) for c in landed)
+        if isinstance(failure, CapacityError) and retry_full:
+            tier.note_full()
+            refused = [chunk for chunk in fitting if chunk not in landed]
+            return len(landed) + await self._write(tier, refused, retry_full=False)
+        return len(landed)
+
+    async def _landed(self, tier: Tier, chunks: list[_Encoded]) -> list[_Encoded]:
+        """The chunks of a failed put that ``tier`` holds all the same."""
+        try:
+            held = await tier.call(
+                "contains_many", tier.driver.contains_many([c.key for c in chunks])
+            )
+        except Exception:
+            return []
+        return [chunk for chunk, there in zip(chunks, held) if there]
 
     async def _reserve(self, tier: Tier, size: int) -> bool:
-        """Make room for ``size`` more bytes in ``tier`` and reserve them. It evicts
-        again if a read borrowed a victim before the driver deleted it: that
-        victim keeps its room until the loan ends."""
+        """Make room for ``size`` more bytes (a footprint) in ``tier`` and reserve
+        them. It evicts again if a read borrowed a victim before the driver
+        deleted it: that victim keeps its room until the loan ends."""
         async with tier.room_lock:
-            while (need := tier.occupied_bytes + size - tier.capacity) > 0:
+            while (need := tier.occupied_bytes + size - tier.limit) > 0:
                 victims = tier.victims(need, self._is_pinned)
                 if victims is None:
                     return False
@@ -1144,7 +1171,7 @@ class AsyncKVStore:
                     tally.count("bytes_before", old_size)
                     tally.count("bytes_after", len(chunk.view))
                 else:
-                    target.index.add(chunk.key, old_size)
+                    target.index.add(chunk.key, target.footprint(old_size))
                     tally.count("failed")
             tally.count("corrupt", len(bad))
             await self._drop(target, bad)

@@ -24,6 +24,11 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 log = logging.getLogger("kvstore.store")
 
+FULL_HOLD_S = 30.0
+"""How long a tier whose driver said it was full below ``capacity`` (a disk or a
+quota that filled up) is held to what it held then, before the store tries to
+fill it to ``capacity`` again."""
+
 
 @dataclass
 class TierStats:
@@ -60,11 +65,14 @@ class Tier:
     eviction order). For tiers that other writers share, it is a cache of the
     truth and lookups also ask the driver.
 
-    Room is counted as ``index.used_bytes`` plus ``reserved`` (puts under way)
-    plus ``held_bytes``: values dropped from the index while the store was
-    reading them, which a driver may keep until the read ends (a loan from
-    ``borrow_many`` keeps them intact, so it keeps their room too), or is
-    still deleting (``delete``). So evictions make real room, and puts fit.
+    Room is counted in the driver's own unit, each value's ``footprint``
+    (pages, headers and padding included), as ``index.used_bytes`` plus
+    ``reserved`` (puts under way) plus ``held_bytes``: values dropped from the
+    index while the store was reading them, which a driver may keep until the
+    read ends (a loan from ``borrow_many`` keeps them intact, so it keeps their
+    room too), or is still deleting (``delete``). So evictions make real room,
+    and puts fit. ``limit`` is ``capacity``, or less for a while after the
+    driver said it was full below it (``note_full``).
     """
 
     def __init__(
@@ -105,13 +113,42 @@ class Tier:
         self.room_lock = asyncio.Lock()
         self._reading: Counter[bytes] = Counter()
         self._held: dict[bytes, int] = {}
+        self._full_at: int | None = None
+        self._full_until = 0.0
 
     async def load_index(self) -> None:
         """Fill the index from the driver, for persistent tiers reopened."""
         caps = self.driver.capabilities
         if caps.listable and not caps.shared:
             async for entry in self.driver.list():
-                self.index.add(entry.key, entry.size)
+                self.index.add(entry.key, self.footprint(entry.size))
+
+    def footprint(self, nbytes: int) -> int:
+        """What a value of ``nbytes`` bytes occupies in this tier (``Driver.footprint``)."""
+        return self.driver.footprint(nbytes)
+
+    @property
+    def limit(self) -> int:
+        """The room the store fills this tier to: ``capacity``, or what it held when
+        its driver last said it was full, for ``FULL_HOLD_S`` after that."""
+        if self._full_at is not None and time.monotonic() < self._full_until:
+            return self._full_at
+        self._full_at = None
+        return self.capacity
+
+    def note_full(self) -> None:
+        """The driver refused a put as full though the tier is under ``limit`` (its disk,
+        quota or server memory ran out first): hold the tier to what it holds now, so
+        later puts evict to make room instead of failing."""
+        self._full_at = self.occupied_bytes
+        self._full_until = time.monotonic() + FULL_HOLD_S
+        log.warning(
+            "tier %s: the driver is full at %d of %d bytes; evicting to stay there for %g s",
+            self.name,
+            self._full_at,
+            self.capacity,
+            FULL_HOLD_S,
+        )
 
     @property
     def occupied_bytes(self) -> int:

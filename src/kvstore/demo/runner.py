@@ -76,9 +76,9 @@ def store_config(args: argparse.Namespace, layout: KVLayout) -> StoreConfig:
 
     The default cpu tier holds four contexts' chunks, about what the default
     mix keeps live: as chat sessions grow it evicts, and some hits come from
-    the nvme tier below it. Its arena has whole pages for every chunk the
-    store's byte budget admits, and is page-locked only for a CUDA model
-    (pinning speeds up copies to a GPU and nothing else).
+    the nvme tier below it. Its arena has the whole pages of that many chunks
+    (the store counts each chunk's pages), and is page-locked only for a CUDA
+    model (pinning speeds up copies to a GPU and nothing else).
     """
     if args.config and args.tier:
         raise InvalidArgumentError("give --config or --tier, not both")
@@ -100,10 +100,7 @@ def store_config(args: argparse.Namespace, layout: KVLayout) -> StoreConfig:
     pages = -(-(chunk_bytes + _HEADER_ROOM) // _CPU_PAGE)
     pin = "auto" if str(args.device).startswith("cuda") else "none"
     return StoreConfig.from_urls(
-        {
-            "url": f"cpu://?capacity={format_size(chunks * pages * _CPU_PAGE)}&pin={pin}",
-            "capacity": chunks * chunk_bytes,
-        },
+        f"cpu://?capacity={format_size(chunks * pages * _CPU_PAGE)}&pin={pin}",
         f"nvme://{directory.resolve()}?capacity={_mib_ceil(room)}",
         chunk_tokens=DEMO_CHUNK_TOKENS,
     )
