@@ -23,10 +23,13 @@ if TYPE_CHECKING:
         DriverTests,
         ErrorTests,
         FaultTests,
-        KeySpecTests,
+        KeyTests,
         LoanTests,
         PersistenceTests,
+        ProcessPersistenceTests,
+        SustainedTests,
     )
+    from .suite.keyspec import KeySpecTests
 
 _HOMES = {
     "BatchTests": "kvstore.conformance.suite",
@@ -36,7 +39,10 @@ _HOMES = {
     "DriverTests": "kvstore.conformance.suite",
     "ErrorTests": "kvstore.conformance.suite",
     "FaultTests": "kvstore.conformance.suite",
-    "KeySpecTests": "kvstore.conformance.suite",
+    "KeySpecTests": "kvstore.conformance.suite.keyspec",
+    "KeyTests": "kvstore.conformance.suite",
+    "ProcessPersistenceTests": "kvstore.conformance.suite",
+    "SustainedTests": "kvstore.conformance.suite",
     "LoanTests": "kvstore.conformance.suite",
     "PersistenceTests": "kvstore.conformance.suite",
     "DriverHarness": "kvstore.conformance.harness",
@@ -59,8 +65,11 @@ __all__ = [
     "FaultyConfig",
     "FaultyDriver",
     "KeySpecTests",
+    "KeyTests",
     "LoanTests",
     "PersistenceTests",
+    "ProcessPersistenceTests",
+    "SustainedTests",
     "run_conformance",
 ]
 
