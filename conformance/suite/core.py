@@ -62,11 +62,16 @@ class CoreTests(DriverTestBase):
         assert harness.contains([key]) == [True], "a zero-length value is stored, not a miss"
 
     def test_miss_is_none_and_false(self, harness: DriverHarness) -> None:
+        harness.put([(harness.key("neighbour"), b"a value next to the missing key")])
         key = harness.key("never-written")
-        assert harness.get([key]) == [None]
-        assert harness.get([key], into=[bytearray(16)]) == [None]
-        assert harness.contains([key]) == [False]
-        assert harness.delete([key]) == [False]
+        assert harness.get([key]) == [None], "a key never written is a miss: get_many"
+        assert harness.get([key], into=[bytearray(16)]) == [None], (
+            "a key never written is a miss: get_many with into"
+        )
+        assert harness.contains([key]) == [False], "a key never written is a miss: contains_many"
+        assert harness.delete([key]) == [False], (
+            "delete reports True only where a value was deleted"
+        )
 
     def test_overwrite_replaces_value_and_its_size(self, harness: DriverHarness) -> None:
         key = harness.key()

@@ -42,8 +42,8 @@ class SustainedTests(DriverTestBase):
         async def run() -> None:
             for read in range(self.sustained_reads):
                 key = keys[read % len(keys)]
-                if read % 64 == 63:
-                    values[key] = rewrites[(read // 64) % len(rewrites)]
+                if read % 61 == 60:
+                    values[key] = rewrites[(read // 61) % len(rewrites)]
                     await driver.put_many([(key, values[key])])
                 into = [bytearray(4096)] if read % 2 else None
                 (got,) = await driver.get_many([key], into)
