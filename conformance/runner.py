@@ -154,9 +154,10 @@ def run_conformance(
 
     0 only when tests ran and none failed or errored. pytest's own output is
     shown only when ``verbose``; ``pytest_args`` go to pytest as they are
-    (e.g. ``["-k", "core or batch"]``). A URL no registered driver takes
-    raises the registry's ConfigError or NotFoundError; a driver that cannot
-    be opened gives exit code 2 and a report saying why.
+    (e.g. ``["-k", "core or batch"]``). A URL that names no loadable driver,
+    or a driver that cannot be opened, gives exit code 2 and a report saying
+    why; the JSON report is written in every case. Ctrl-C writes the JSON
+    report of what finished and raises KeyboardInterrupt.
     """
     console = Console()
     args = list(pytest_args or [])
@@ -165,11 +166,11 @@ def run_conformance(
     except KVStoreError as exc:
         reason = f"the URL names no driver that can be loaded: {type(exc).__name__}: {exc}"
         report = ConformanceReport(url, {}, exit_code=2, error=reason, pytest_args=args)
-    print_report(console, report)
     if json_path is not None:
         Path(json_path).write_text(json.dumps(report.to_json(), indent=2) + "\n")
     if report.interrupted:
         raise KeyboardInterrupt
+    print_report(console, report)
     return report.exit_code
 
 

@@ -6,10 +6,6 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
-
 from kvstore.errors import KVStoreError
 
 INTERRUPTED_EXIT_CODE = 130
@@ -17,6 +13,10 @@ INTERRUPTED_EXIT_CODE = 130
 
 
 def _cmd_drivers(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
     from kvstore.registry import default_registry
 
     console = Console()
@@ -210,6 +210,9 @@ def _run(argv: Sequence[str] | None) -> int:
     try:
         code: int = args.func(args)
     except KVStoreError as exc:
+        from rich.console import Console
+        from rich.markup import escape
+
         Console(stderr=True).print(f"[red]error:[/red] {type(exc).__name__}: {escape(str(exc))}")
         return 2
     return code
