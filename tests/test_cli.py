@@ -47,6 +47,8 @@ def test_help_does_not_import_torch() -> None:
         ["demo", "--context", "10"],
         ["demo", "--requests", "0"],
         ["demo", "--model-size", "huge"],
+        ["bench", "--layout", "no-such-model"],
+        ["bench", "codecs", "--dtype", "int3"],
         ["conformance"],
     ],
 )
@@ -55,6 +57,13 @@ def test_argument_errors_come_before_torch(args: list[str]) -> None:
     assert result.returncode == 2, result.stdout + result.stderr
     assert "torch imported: False" in result.stdout
     assert "Traceback" not in result.stderr
+
+
+def test_bench_options_name_the_bench_layouts() -> None:
+    from kvstore.bench import LAYOUTS
+    from kvstore.bench_options import LAYOUT_NAMES
+
+    assert tuple(LAYOUTS) == LAYOUT_NAMES
 
 
 @pytest.mark.parametrize("after_s", [1.0, 3.0])

@@ -96,8 +96,7 @@ def _conformance_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _bench_arguments(parser: argparse.ArgumentParser) -> None:
-    from kvstore.bench import add_bench_arguments
-    from kvstore.bench_codecs import add_codec_bench_arguments
+    from kvstore.bench_options import add_bench_arguments, add_codec_bench_arguments
 
     add_bench_arguments(parser)
     modes = parser.add_subparsers(dest="bench_mode", metavar="{codecs}")
