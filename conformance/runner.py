@@ -14,6 +14,7 @@ import json
 import os
 import sys
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -274,7 +275,8 @@ def _open_and_close(registry: DriverRegistry, config: DriverConfig) -> Capabilit
 
 
 def _run_pytest(url: str, extra_args: list[str], verbose: bool, collector: OutcomeCollector) -> int:
-    """Run ``suite_for_url.py`` in this process, isolated from any project config."""
+    """Run ``suite_for_url.py`` in this process, isolated from any project config
+    and from other installed pytest plugins."""
     here = str(SUITE_MODULE.parent)
     args = [
         str(SUITE_MODULE),
@@ -288,19 +290,36 @@ def _run_pytest(url: str, extra_args: list[str], verbose: bool, collector: Outco
         "no:cacheprovider",
         "-p",
         "no:asyncio",
+        "-p",
+        "kvstore.conformance.plugin",
         "-v" if verbose else "-q",
+        *extra_args,
     ]
-    if os.environ.get("PYTEST_DISABLE_PLUGIN_AUTOLOAD"):
-        args += ["-p", "kvstore.conformance.plugin"]
-    args += extra_args
     if verbose:
-        return int(pytest.main(args, plugins=[collector]))
+        with _only_our_plugin():
+            return int(pytest.main(args, plugins=[collector]))
     output = io.StringIO()
-    with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
+    with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output), _only_our_plugin():
         code = int(pytest.main(args, plugins=[collector]))
     if code in (pytest.ExitCode.INTERNAL_ERROR, pytest.ExitCode.USAGE_ERROR):
         sys.stderr.write(output.getvalue())
     return code
+
+
+@contextlib.contextmanager
+def _only_our_plugin() -> Iterator[None]:
+    """Keep pytest from loading every installed plugin's entry point: the suite
+    needs none but its own, and importing them all can take seconds."""
+    name = "PYTEST_DISABLE_PLUGIN_AUTOLOAD"
+    before = os.environ.get(name)
+    os.environ[name] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = before
 
 
 def _exit_code(pytest_code: int, results: list[TestResult]) -> int:
