@@ -515,8 +515,8 @@ class EvictsInstead(DictDriver):
         await super()._put_many(items)
 
 
-@mutant("oserrorwhenfull", "capacity", "a full driver raises CapacityError (leaked MemoryError)")
-class OSErrorWhenFull(DictDriver):
+@mutant("leakedmemoryerror", "capacity", "a full driver raises CapacityError (leaked MemoryError)")
+class LeakedMemoryError(DictDriver):
     async def _put_many(self, items: list[tuple[bytes, memoryview]]) -> None:
         try:
             await super()._put_many(items)
