@@ -24,10 +24,13 @@ if TYPE_CHECKING:
         ErrorTests,
         FaultTests,
         FootprintTests,
-        KeySpecTests,
+        KeyTests,
         LoanTests,
         PersistenceTests,
+        ProcessPersistenceTests,
+        SustainedTests,
     )
+    from .suite.keyspec import KeySpecTests
 
 _HOMES = {
     "BatchTests": "kvstore.conformance.suite",
@@ -38,7 +41,10 @@ _HOMES = {
     "ErrorTests": "kvstore.conformance.suite",
     "FaultTests": "kvstore.conformance.suite",
     "FootprintTests": "kvstore.conformance.suite",
-    "KeySpecTests": "kvstore.conformance.suite",
+    "KeySpecTests": "kvstore.conformance.suite.keyspec",
+    "KeyTests": "kvstore.conformance.suite",
+    "ProcessPersistenceTests": "kvstore.conformance.suite",
+    "SustainedTests": "kvstore.conformance.suite",
     "LoanTests": "kvstore.conformance.suite",
     "PersistenceTests": "kvstore.conformance.suite",
     "DriverHarness": "kvstore.conformance.harness",
@@ -62,8 +68,11 @@ __all__ = [
     "FaultyDriver",
     "FootprintTests",
     "KeySpecTests",
+    "KeyTests",
     "LoanTests",
     "PersistenceTests",
+    "ProcessPersistenceTests",
+    "SustainedTests",
     "run_conformance",
 ]
 

@@ -39,6 +39,15 @@ def test_duplicate_scheme_is_loud() -> None:
         registry.register(plugin("demo"), name="demo", source="second-dist 2.0")
 
 
+def test_one_plugin_for_two_schemes_says_what_to_do() -> None:
+    registry = DriverRegistry()
+    shared = plugin("first")
+    registry.register(shared, name="first", source="dist 1.0")
+    with pytest.raises(DriverLoadError, match=r"already registers scheme 'first'.*own plugin"):
+        registry.register(shared, name="second", source="dist 1.0")
+    assert [d.info.scheme for d in registry.drivers()] == ["first"]
+
+
 def test_scheme_must_match_entry_point_name() -> None:
     registry = DriverRegistry()
     with pytest.raises(DriverLoadError, match="scheme"):

@@ -102,6 +102,14 @@ class DriverRegistry:
                 f"{self._drivers[name].source} and by {source}; uninstall one of them",
                 driver=name,
             )
+        claimed = self._manager.get_name(plugin)
+        if claimed is not None:
+            raise DriverLoadError(
+                f"plugin {name!r} from {source} is the object that already registers scheme "
+                f"{claimed!r}: a plugin module or object describes one scheme; give each "
+                "scheme its own plugin object (docs/driver-author-guide.md, several schemes)",
+                driver=name,
+            )
         try:
             self._manager.register(plugin, name=name)
         except ValueError as exc:
