@@ -14,9 +14,11 @@ from .faults import FaultTests
 from .keyspec import KeySpecTests
 from .loans import LoanTests
 from .persistence import PersistenceTests
+from .timeouts import TimeoutTests
 
 
 class DriverTests(
+    TimeoutTests,
     FaultTests,
     LoanTests,
     ErrorTests,
@@ -47,4 +49,5 @@ __all__ = [
     "KeySpecTests",
     "LoanTests",
     "PersistenceTests",
+    "TimeoutTests",
 ]

@@ -165,12 +165,14 @@ class _Encoded:
 
 class _Reads:
     """Where the values read for one batch live: pooled buffers and borrowed
-    views, released together once the batch is decoded."""
+    views, released together once the batch is decoded. ``failed``: the read
+    call failed, so its misses say nothing of what the tier holds."""
 
     def __init__(self, pool: BufferPool) -> None:
         self._pool = pool
         self.buffers: list[torch.Tensor] = []
         self.loans = contextlib.AsyncExitStack()
+        self.failed = False
 
     async def release(self) -> None:
         await self.loans.aclose()
@@ -767,7 +769,9 @@ class AsyncKVStore:
                 tier = self.tiers[position]
                 results = await asyncio.gather(
                     *(
-                        self._decode_into(tier, keys[i], value, outs[i])
+                        self._decode_into(
+                            tier, keys[i], value, outs[i], failed=reads[batch_no].failed
+                        )
                         for i, value in zip(indices, values)
                     )
                 )
@@ -873,18 +877,28 @@ class AsyncKVStore:
                 settled=settled,
             )
         except KVStoreError:
+            reads.failed = True
             return values
         for i, value in zip(missing, found):
             values[i] = value
         return values
 
     async def _decode_into(
-        self, tier: Tier, key: bytes, value: memoryview | None, out: torch.Tensor
+        self,
+        tier: Tier,
+        key: bytes,
+        value: memoryview | None,
+        out: torch.Tensor,
+        *,
+        failed: bool = False,
     ) -> bool:
-        """Verify and copy one chunk into ``out``; drop a bad copy from its tier."""
+        """Verify and copy one chunk into ``out``; drop a bad copy from its tier. A
+        miss drops the chunk from the tier's index unless the read ``failed`` (timed
+        out, tier unreachable): then the chunk is most likely still there."""
         if value is None:
             tier.stats.misses += 1
-            tier.forget(key)
+            if not failed:
+                tier.forget(key)
             return False
         try:
             await self._run(
