@@ -10,6 +10,7 @@ with ``redis-cli --cluster create``. Every wait is bounded.
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -277,6 +278,7 @@ class RedisServer:
         if self.process is None:
             return
         if self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)
             self.process.terminate()
             try:
                 self.process.wait(STOP_TIMEOUT_S)
@@ -292,6 +294,15 @@ class RedisServer:
         self.process.kill()
         self.process.wait(STOP_TIMEOUT_S)
         self.process = None
+
+    def pause(self) -> None:
+        """Freeze the server (SIGSTOP): connections stay open and nothing answers."""
+        if self.process is not None:
+            self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.process is not None:
+            self.process.send_signal(signal.SIGCONT)
 
     def restart(self) -> None:
         """Start again on the same port (empty: persistence is off)."""

@@ -1367,6 +1367,7 @@ class AsyncKVStore:
             writer.cancel()
         await asyncio.gather(*self._writers, return_exceptions=True)
         for tier in self.tiers:
+            await tier.cancel_abandoned()
             await tier.driver.close()
         self._executor.shutdown(wait=True)
 

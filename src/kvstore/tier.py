@@ -224,6 +224,13 @@ class Tier:
         except Exception as exc:
             raise self.note_bug(operation, exc) from exc
 
+    async def cancel_abandoned(self) -> None:
+        """Cancel the abandoned calls still running and wait until they end (at close)."""
+        calls = list(self.abandoned)
+        for call in calls:
+            call.cancel()
+        await asyncio.gather(*calls, return_exceptions=True)
+
     def _abandon(
         self,
         work: asyncio.Future[Any],
