@@ -14,7 +14,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -314,6 +314,15 @@ class RedisServer:
         if not path.exists():
             return "(no log)"
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def serve(directory: Path) -> Iterator[RedisServer]:
+    """A plain server in ``directory``, started, then stopped when the caller (a
+    module fixture: ``yield from serve(...)``) is done with it."""
+    server = RedisServer(directory)
+    server.start()
+    yield server
+    server.stop()
 
 
 class RedisClusterProcess:

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 
 import pytest
 import torch
-from redis_server import RedisServer, redis_available
+from redis_server import RedisServer, redis_available, serve
 from s3_server import MotoS3Server
 
 from kvstore.config import StoreConfig
@@ -56,10 +56,7 @@ def prefix() -> str:
 
 @pytest.fixture(scope="module")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    server.start()
-    yield server
-    server.stop()
+    yield from serve(tmp_path_factory.mktemp("redis"))
 
 
 async def timed(call: Awaitable[T]) -> tuple[float, T]:
