@@ -29,6 +29,7 @@ if TYPE_CHECKING:
         PersistenceTests,
         ProcessPersistenceTests,
         SustainedTests,
+        TimeoutTests,
     )
     from .suite.keyspec import KeySpecTests
 
@@ -45,6 +46,7 @@ _HOMES = {
     "KeyTests": "kvstore.conformance.suite",
     "ProcessPersistenceTests": "kvstore.conformance.suite",
     "SustainedTests": "kvstore.conformance.suite",
+    "TimeoutTests": "kvstore.conformance.suite",
     "LoanTests": "kvstore.conformance.suite",
     "PersistenceTests": "kvstore.conformance.suite",
     "DriverHarness": "kvstore.conformance.harness",
@@ -73,6 +75,7 @@ __all__ = [
     "PersistenceTests",
     "ProcessPersistenceTests",
     "SustainedTests",
+    "TimeoutTests",
     "run_conformance",
 ]
 

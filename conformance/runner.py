@@ -44,6 +44,7 @@ AREA_ORDER = (
     "capacity",
     "footprint",
     "errors",
+    "timeouts",
 )
 OUTCOMES = ("passed", "failed", "skipped", "error")
 MESSAGE_CHARS = 300

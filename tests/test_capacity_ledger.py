@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from mooncake_server import MooncakeMaster, master_available
+from prerequisites import missing
 from redis_server import RedisServer, redis_available
 from s3_server import MotoS3Server
 
@@ -37,7 +38,7 @@ BUCKET = "ledger"
 @pytest.fixture(scope="module")
 def redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     if not redis_available():
-        pytest.skip("redis-server is not installed")
+        missing("redis-server is not installed")
     server = RedisServer(tmp_path_factory.mktemp("redis"))
     server.start()
     yield server
@@ -54,7 +55,7 @@ def moto() -> Iterator[MotoS3Server]:
 @pytest.fixture(scope="module")
 def mooncake(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MooncakeMaster]:
     if not master_available():
-        pytest.skip("mooncake_master or the mooncake Python client is not installed")
+        missing("mooncake_master or the mooncake Python client is not installed")
     with MooncakeMaster(tmp_path_factory.mktemp("mooncake")) as master:
         yield master
 

@@ -25,6 +25,7 @@ from redis_server import (
     TlsFiles,
     free_port,
     redis_available,
+    serve,
     tls_available,
 )
 
@@ -61,10 +62,7 @@ def fresh_prefix() -> str:
 
 @pytest.fixture(scope="module")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    server.start()
-    yield server
-    server.stop()
+    yield from serve(tmp_path_factory.mktemp("redis"))
 
 
 @pytest.fixture(scope="module")

@@ -20,9 +20,11 @@ from .loans import LoanTests
 from .persistence import PersistenceTests
 from .processes import ProcessPersistenceTests
 from .sustained import SustainedTests
+from .timeouts import TimeoutTests
 
 
 class DriverTests(
+    TimeoutTests,
     ErrorTests,
     FootprintTests,
     CapacityTests,
@@ -58,4 +60,5 @@ __all__ = [
     "PersistenceTests",
     "ProcessPersistenceTests",
     "SustainedTests",
+    "TimeoutTests",
 ]
