@@ -32,12 +32,12 @@ from transformers import AttentionInterface, DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from kvstore.config import StoreConfig
+from kvstore.connectors.config import ConfigSource, store_config
 from kvstore.control import maybe_start_control_server
 from kvstore.errors import InvalidArgumentError, NotSupportedError
 from kvstore.keys import Namespace
 from kvstore.layout import DTYPE_NAMES, KVLayout
-from kvstore.store import KVStore, StoreResult, open_store
+from kvstore.store import KVStore, StoreResult
 
 if TYPE_CHECKING:
     from kvstore.control import ControlServer
@@ -292,24 +292,19 @@ class TransformersConnector:
     def open(
         cls,
         model: PreTrainedModel,
-        config: StoreConfig | str | Sequence[str],
+        config: ConfigSource,
         *,
         revision: str | None = None,
         name: str | None = None,
         min_recompute: int = DEFAULT_MIN_RECOMPUTE,
     ) -> TransformersConnector:
-        """Open a store for ``model`` from a config, a YAML path or tier URLs.
+        """Open a store for ``model`` from any config form the connectors accept
+        (a ``StoreConfig``, a YAML path, a tier URL, a list of tiers;
+        ``kvstore.connectors.config``).
 
         The namespace takes chunk size, tenant and lossy codec from the config.
         """
-        if isinstance(config, str):
-            config = (
-                StoreConfig.from_yaml(config)
-                if "://" not in config
-                else StoreConfig.from_urls(config)
-            )
-        elif not isinstance(config, StoreConfig):
-            config = StoreConfig.from_urls(*config)
+        config = store_config(config)
         namespace = model_namespace(
             model,
             revision=revision,
@@ -318,7 +313,7 @@ class TransformersConnector:
             codec=config.lossy_codec,
             tenant=config.tenant,
         )
-        store = open_store(config, namespace)
+        store = KVStore.open(config, namespace)
         try:
             connector = cls(model, store, min_recompute=min_recompute, owns_store=True)
             connector._control = maybe_start_control_server(store)

@@ -58,8 +58,9 @@ from kvstore.connectors.vllm_lookup import (
     register_local,
     unregister_local,
 )
-from kvstore.connectors.vllm_options import ConnectorOptions, weights_revision
+from kvstore.connectors.vllm_options import ConnectorOptions
 from kvstore.connectors.vllm_paged import Backend, block_slots, layer_cache, layer_order
+from kvstore.connectors.weights import weights_revision
 from kvstore.control import maybe_start_control_server
 from kvstore.errors import NotSupportedError
 from kvstore.keys import Namespace
