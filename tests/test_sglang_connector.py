@@ -634,6 +634,11 @@ def test_config_forms_and_the_old_option_name(attach: Attach, tmp_path: Path) ->
     assert [tier.name for tier in mapped.store.tiers] == ["hot"]
     whole = attach(pool, {"tiers": ["cpu://?capacity=4MiB"], "tenant": "team-b"})
     assert whole.store.async_store.namespace.tenant == "team-b"
+    quantized = attach(pool, [{"url": "cpu://?capacity=4MiB", "codecs": "int8"}])
+    assert quantized.store.async_store.namespace.codec == "int8"
+    keys = page_hashes("int8", 2)
+    assert all(quantized.batch_set_v1(keys, host_indices([0, 1])))
+    assert quantized.batch_get_v1(keys, host_indices([4, 5])) == [True, True]
 
     old = storage_config(None, kvstore_config="cpu://?capacity=4MiB")
     assert old.extra_config is not None

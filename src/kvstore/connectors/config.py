@@ -1,4 +1,5 @@
-"""The config forms every connector accepts, turned into one ``StoreConfig``.
+"""The config forms every connector accepts, turned into one ``StoreConfig``,
+and the namespace a connector opens it under.
 
 vLLM's ``kv_connector_extra_config.config``, SGLang's extra config ``config``
 and ``TransformersConnector.open(model, config)`` all take the same forms
@@ -21,6 +22,8 @@ from typing import Any
 
 from kvstore.config import StoreConfig
 from kvstore.errors import ConfigError
+from kvstore.keys import Namespace
+from kvstore.layout import KVLayout
 
 ConfigSource = StoreConfig | str | Path | Sequence[str | Mapping[str, Any]] | Mapping[str, Any]
 """Any form ``store_config`` accepts."""
@@ -52,6 +55,29 @@ def store_config(source: object, *, option: str = "config") -> StoreConfig:
     )
 
 
+def store_namespace(
+    config: StoreConfig,
+    *,
+    model: str,
+    revision: str,
+    layout: KVLayout,
+    tp_rank: int = 0,
+    tp_size: int = 1,
+) -> Namespace:
+    """The namespace a connector opens a store with ``config`` under: the chunk
+    size, tenant salt and lossy codec come from the config, so they agree with it."""
+    return Namespace(
+        model=model,
+        revision=revision,
+        layout=layout,
+        chunk_tokens=config.chunk_tokens,
+        tp_rank=tp_rank,
+        tp_size=tp_size,
+        codec=config.lossy_codec,
+        tenant=config.tenant,
+    )
+
+
 def text_option(options: Mapping[str, Any], name: str) -> str:
     """The string option ``name`` of a connector's options (default empty)."""
     value = options.get(name, "")
@@ -60,4 +86,4 @@ def text_option(options: Mapping[str, Any], name: str) -> str:
     return value
 
 
-__all__ = ["ConfigSource", "store_config", "text_option"]
+__all__ = ["ConfigSource", "store_config", "store_namespace", "text_option"]

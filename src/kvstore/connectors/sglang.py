@@ -41,11 +41,10 @@ from sglang.srt.mem_cache.hicache_storage import (
 )
 
 from kvstore.config import StoreConfig
-from kvstore.connectors.config import store_config, text_option
+from kvstore.connectors.config import store_config, store_namespace, text_option
 from kvstore.connectors.weights import weights_revision
 from kvstore.control import maybe_start_control_server
 from kvstore.errors import ConfigError, InvalidArgumentError, NotSupportedError
-from kvstore.keys import Namespace
 from kvstore.layout import DTYPE_NAMES, KVLayout
 from kvstore.store import KVStore
 
@@ -256,14 +255,13 @@ class KVStoreHiCacheStorage(HiCacheStorage):
         config = self.storage_config
         pages = HostPages.of(mem_pool_host, mla=config.is_mla_model)
         store_cfg = paged(self.config, pages.page_size)
-        namespace = Namespace(
+        namespace = store_namespace(
+            store_cfg,
             model=self.model_name,
             revision=self.revision,
             layout=pages.kv_layout,
-            chunk_tokens=pages.page_size,
             tp_rank=0 if config.is_mla_model else config.tp_rank,
             tp_size=1 if config.is_mla_model else config.tp_size,
-            tenant=store_cfg.tenant,
         )
         self.close()
         self._store = KVStore.open(store_cfg, namespace)

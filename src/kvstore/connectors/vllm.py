@@ -51,6 +51,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.platforms import current_platform
 
 from kvstore.config import StoreConfig
+from kvstore.connectors.config import store_namespace
 from kvstore.connectors.vllm_lookup import (
     LookupClient,
     LookupServer,
@@ -661,14 +662,13 @@ class _WorkerSide:
         model = self._config.model_config
         parallel = self._config.parallel_config
         rank = get_tensor_model_parallel_rank()
-        namespace = Namespace(
+        namespace = store_namespace(
+            options.store,
             model=options.model_name or model.model,
             revision=options.model_revision or weights_revision(model.model, model.revision),
             layout=self.layout,
-            chunk_tokens=options.store.chunk_tokens,
             tp_rank=rank,
             tp_size=parallel.tensor_parallel_size,
-            tenant=options.store.tenant,
         )
         self._store = _stores.acquire(options.store, namespace)
         if rank == 0:
