@@ -32,11 +32,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import torch
 import yaml
 from redis_server import RedisServer, redis_available
 
+from kvstore.connectors.stores import shared_stores
 from kvstore.errors import (
     ConfigError,
     InvalidArgumentError,
@@ -651,6 +653,19 @@ def test_config_forms_and_the_old_option_name(attach: Attach, tmp_path: Path) ->
     both = storage_config("cpu://?capacity=4MiB", kvstore_config="cpu://?capacity=4MiB")
     with pytest.raises(ConfigError, match="not both"):
         StorageBackendFactory.create_backend("dynamic", both, pool)
+
+
+def test_the_first_rank_serves_the_control_api(attach: Attach) -> None:
+    """Every rank would listen on the same port: rank 0 starts the control server."""
+    config = {"tiers": ["cpu://?capacity=4MiB"], "control": {"enabled": True, "port": 0}}
+    ranks = [attach(MHAHostPool("page_first", 40 + r), config, tp=(r, 2)) for r in (0, 1)]
+    server = shared_stores.control(ranks[0].store)
+    assert server is not None
+    assert shared_stores.control(ranks[1].store) is None
+    assert httpx.get(f"{server.url}/v1/stats", timeout=10).status_code == 200
+    ranks[0].close()
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{server.url}/v1/stats", timeout=2)
 
 
 def test_a_namespace_refuses_other_keys(attach: Attach, local_tiers: list[str]) -> None:

@@ -31,7 +31,7 @@ import math
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from sglang.srt.mem_cache.hicache_storage import (
@@ -42,14 +42,11 @@ from sglang.srt.mem_cache.hicache_storage import (
 
 from kvstore.config import StoreConfig
 from kvstore.connectors.config import store_config, store_namespace, text_option
+from kvstore.connectors.stores import shared_stores
 from kvstore.connectors.weights import weights_revision
-from kvstore.control import maybe_start_control_server
 from kvstore.errors import ConfigError, InvalidArgumentError, NotSupportedError
 from kvstore.layout import DTYPE_NAMES, KVLayout
 from kvstore.store import KVStore
-
-if TYPE_CHECKING:
-    from kvstore.control import ControlServer
 
 ChunkView = Callable[[torch.Tensor], torch.Tensor]
 _NOT_REGISTERED = "the SGLang host pool is not registered yet (register_mem_pool_host)"
@@ -173,6 +170,12 @@ def _checkpoint_revision(model_path: str) -> str:
         ) from None
 
 
+def _first_rank(config: HiCacheStorageConfig) -> bool:
+    """Whether this is the first of the engine's ranks, the one that serves the
+    control API (every rank would listen on the same port)."""
+    return (config.tp_rank, config.pp_rank, config.attn_cp_rank, config.dp_rank) == (0, 0, 0, 0)
+
+
 def paged(config: StoreConfig, page_size: int) -> StoreConfig:
     """``config`` with one chunk per SGLang page; a config that sets another
     ``chunk_tokens`` is refused rather than silently changed."""
@@ -245,7 +248,6 @@ class KVStoreHiCacheStorage(HiCacheStorage):
         self.suffix = shard_suffix(storage_config)
         self.pages: HostPages | None = None
         self._store: KVStore | None = None
-        self._control: ControlServer | None = None
 
     # ------------------------------------------------------------ set-up
 
@@ -264,8 +266,7 @@ class KVStoreHiCacheStorage(HiCacheStorage):
             tp_size=1 if config.is_mla_model else config.tp_size,
         )
         self.close()
-        self._store = KVStore.open(store_cfg, namespace)
-        self._control = maybe_start_control_server(self._store)
+        self._store = shared_stores.acquire(store_cfg, namespace, control=_first_rank(config))
         self.pages = pages
 
     @property
@@ -382,14 +383,12 @@ class KVStoreHiCacheStorage(HiCacheStorage):
         self.store.clear(scope="namespace")
 
     def close(self) -> None:
-        """Stop the control server, finish background writes and close the store
-        (SGLang calls this on detach)."""
-        if self._control is not None:
-            control, self._control = self._control, None
-            control.close()
+        """Release the store: the last user in the process stops its control
+        server, finishes background writes and closes it (SGLang calls this on
+        detach)."""
         if self._store is not None:
             store, self._store = self._store, None
-            store.close()
+            shared_stores.release(store)
 
     # ------------------------------------------------------------ helpers
 
