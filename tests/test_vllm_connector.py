@@ -40,6 +40,7 @@ from prerequisites import missing
 from redis_server import RedisServer, redis_available
 
 from kvstore.config import StoreConfig
+from kvstore.connectors.config import store_config
 from kvstore.connectors.vllm_lookup import (
     LookupClient,
     LookupServer,
@@ -47,13 +48,14 @@ from kvstore.connectors.vllm_lookup import (
     register_local,
     unregister_local,
 )
-from kvstore.connectors.vllm_options import ConnectorOptions, store_config, weights_revision
+from kvstore.connectors.vllm_options import ConnectorOptions
 from kvstore.connectors.vllm_paged import (
     block_slots,
     cpu_attention_planes,
     layer_cache,
     layer_order,
 )
+from kvstore.connectors.weights import weights_revision
 from kvstore.errors import ConfigError, InvalidArgumentError
 from kvstore.triton_kernels import gather, scatter
 
