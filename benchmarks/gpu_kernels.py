@@ -393,7 +393,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             kernel_checks(report, tiny, cpu, layouts)
         return finish(report)
     if not triton_available():
-        print("gpu_kernels: Triton is not installed: pip install 'kvstore[triton]'")
+        print("gpu_kernels: Triton is not installed: pip install 'kvstore-llm[triton]'")
         return 1
     cuda = torch.device("cuda")
     print(f"device: {torch.cuda.get_device_name(cuda)}")

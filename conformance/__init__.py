@@ -23,10 +23,15 @@ if TYPE_CHECKING:
         DriverTests,
         ErrorTests,
         FaultTests,
-        KeySpecTests,
+        FootprintTests,
+        KeyTests,
         LoanTests,
         PersistenceTests,
+        ProcessPersistenceTests,
+        SustainedTests,
+        TimeoutTests,
     )
+    from .suite.keyspec import KeySpecTests
 
 _HOMES = {
     "BatchTests": "kvstore.conformance.suite",
@@ -36,7 +41,12 @@ _HOMES = {
     "DriverTests": "kvstore.conformance.suite",
     "ErrorTests": "kvstore.conformance.suite",
     "FaultTests": "kvstore.conformance.suite",
-    "KeySpecTests": "kvstore.conformance.suite",
+    "FootprintTests": "kvstore.conformance.suite",
+    "KeySpecTests": "kvstore.conformance.suite.keyspec",
+    "KeyTests": "kvstore.conformance.suite",
+    "ProcessPersistenceTests": "kvstore.conformance.suite",
+    "SustainedTests": "kvstore.conformance.suite",
+    "TimeoutTests": "kvstore.conformance.suite",
     "LoanTests": "kvstore.conformance.suite",
     "PersistenceTests": "kvstore.conformance.suite",
     "DriverHarness": "kvstore.conformance.harness",
@@ -58,9 +68,14 @@ __all__ = [
     "FaultTests",
     "FaultyConfig",
     "FaultyDriver",
+    "FootprintTests",
     "KeySpecTests",
+    "KeyTests",
     "LoanTests",
     "PersistenceTests",
+    "ProcessPersistenceTests",
+    "SustainedTests",
+    "TimeoutTests",
     "run_conformance",
 ]
 

@@ -162,6 +162,9 @@ class FaultyDriver(Driver[FaultyConfig]):
     def capabilities(self) -> Capabilities:
         return self.inner.capabilities
 
+    def footprint(self, nbytes: int) -> int:
+        return self.inner.footprint(nbytes)
+
     async def _put_many(self, items: list[tuple[bytes, memoryview]]) -> None:
         await self._inject("put_many")
         await self.inner.put_many(items)

@@ -9,10 +9,12 @@ shared server as it found it.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import random
 import uuid
 from collections.abc import Awaitable, Sequence
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, TypeVar
 
 import pytest
@@ -20,6 +22,7 @@ from typing_extensions import Buffer
 
 from kvstore.config_url import DriverConfig
 from kvstore.driver import Capabilities, Driver, Usage
+from kvstore.errors import KVStoreError
 from kvstore.registry import DriverRegistry
 from kvstore.sync import LoopThread, SyncDriver
 
@@ -72,12 +75,42 @@ class DriverHarness:
         return cls(config, registry, seed=seed, call_timeout_s=call_timeout_s)
 
     def run(self, awaitable: Awaitable[T], timeout: float | None = None) -> T:
-        """Run a coroutine on the harness loop and return its result."""
+        """Run a coroutine on the harness loop and return its result.
+
+        Whatever a driver raises must be a ``kvstore.errors`` class naming its
+        driver: any other exception, or a ``KVStoreError`` with ``driver=None``,
+        fails the test with a message naming the promise it breaks.
+        """
 
         async def wrapper() -> T:
             return await awaitable
 
-        return self.loop.run(wrapper(), timeout or self.call_timeout_s)
+        limit = timeout or self.call_timeout_s
+        future = asyncio.run_coroutine_threadsafe(wrapper(), self.loop.loop)
+        try:
+            return future.result(limit)
+        except FutureTimeout:
+            if future.done():
+                raise
+            future.cancel()
+            raise AssertionError(
+                f"calls finish: a driver call did not finish within {limit} s"
+            ) from None
+        except KVStoreError as exc:
+            if exc.driver is None:
+                raise AssertionError(
+                    f"errors name their driver: {type(exc).__name__}({exc.message!r}) "
+                    "was raised with driver=None"
+                ) from exc
+            raise
+        except AssertionError:
+            raise
+        except Exception as exc:
+            raise AssertionError(
+                "backend errors are translated: a driver call raised "
+                f"{type(exc).__module__}.{type(exc).__qualname__}: {exc} "
+                "instead of a kvstore.errors class"
+            ) from exc
 
     def open(self) -> Driver[Any]:
         """Open another driver of the harness config; it is closed at teardown.

@@ -10,11 +10,17 @@ from __future__ import annotations
 
 import pytest
 
+SUITE_VERSION = "2.0"
+"""The version of the conformance suite, shown in every report."""
+
+SUITE_PACKAGES = ("kvstore.conformance.suite", "kvstore.conformance.harness")
+"""Modules whose asserts pytest rewrites to show the values compared."""
+
 URL_OPTION = "--kvstore-url"
 AREA_PROPERTY = "kvstore_area"
 """The ``user_properties`` entry holding a conformance test's area."""
 
-pytest.register_assert_rewrite("kvstore.conformance.suite")
+pytest.register_assert_rewrite(*SUITE_PACKAGES)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -29,6 +35,10 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    # Again now that pytest's import hook is installed: when this module was
+    # imported before pytest started (as ``kvstore conformance`` does), the
+    # registration above had no hook to go to.
+    pytest.register_assert_rewrite(*SUITE_PACKAGES)
     config.addinivalue_line(
         "markers",
         "kvstore_large: a conformance test that moves values over 32 MiB "

@@ -14,6 +14,7 @@ import json
 import os
 import sys
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -26,12 +27,25 @@ from rich.table import Table
 
 from kvstore.config_url import DriverConfig
 from kvstore.driver import Capabilities
+from kvstore.errors import KVStoreError
 from kvstore.registry import DriverRegistry, default_registry
 
-from .plugin import AREA_PROPERTY, URL_OPTION
+from .plugin import AREA_PROPERTY, SUITE_VERSION, URL_OPTION
 
 SUITE_MODULE = Path(__file__).with_name("suite_for_url.py")
-AREA_ORDER = ("core", "batch", "concurrency", "persistence", "capacity", "errors", "faults")
+AREA_ORDER = (
+    "core",
+    "keys",
+    "batch",
+    "sustained",
+    "concurrency",
+    "loans",
+    "persistence",
+    "capacity",
+    "footprint",
+    "errors",
+    "timeouts",
+)
 OUTCOMES = ("passed", "failed", "skipped", "error")
 MESSAGE_CHARS = 300
 
@@ -54,6 +68,10 @@ class OutcomeCollector:
 
     def __init__(self) -> None:
         self.results: dict[str, TestResult] = {}
+        self.deselected: list[str] = []
+
+    def pytest_deselected(self, items: list[pytest.Item]) -> None:
+        self.deselected.extend(item.nodeid.rpartition("::")[2] for item in items)
 
     def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
         area = str(dict(report.user_properties).get(AREA_PROPERTY, "other"))
@@ -87,6 +105,10 @@ class ConformanceReport:
     exit_code: int
     results: list[TestResult] = field(default_factory=list)
     error: str | None = None
+    pytest_args: list[str] = field(default_factory=list)
+    deselected: list[str] = field(default_factory=list)
+    interrupted: bool = False
+    """Ctrl-C stopped the run: the report holds what finished before it."""
 
     @property
     def passed(self) -> bool:
@@ -111,13 +133,16 @@ class ConformanceReport:
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "suite_version": SUITE_VERSION,
             "url": self.url,
+            "pytest_args": self.pytest_args,
             "driver": self.driver,
             "passed": self.passed,
             "exit_code": self.exit_code,
             "error": self.error,
             "totals": self.totals(),
             "areas": self.areas(),
+            "deselected": self.deselected,
             "tests": [asdict(result) for result in self.results],
         }
 
@@ -132,11 +157,29 @@ def run_conformance(
 
     0 only when tests ran and none failed or errored. pytest's own output is
     shown only when ``verbose``; ``pytest_args`` go to pytest as they are
-    (e.g. ``["-k", "core or batch"]``). A URL no registered driver takes
-    raises the registry's ConfigError or NotFoundError; a driver that cannot
-    be opened gives exit code 2 and a report saying why.
+    (e.g. ``["-k", "core or batch"]``). A URL that names no loadable driver,
+    or a driver that cannot be opened, gives exit code 2 and a report saying
+    why; the JSON report is written in every case. Ctrl-C writes the JSON
+    report of what finished and raises KeyboardInterrupt.
     """
     console = Console()
+    args = list(pytest_args or [])
+    try:
+        report = _run_suite(url, args, verbose)
+    except KVStoreError as exc:
+        reason = f"the URL names no driver that can be loaded: {type(exc).__name__}: {exc}"
+        report = ConformanceReport(url, {}, exit_code=2, error=reason, pytest_args=args)
+    if json_path is not None:
+        Path(json_path).write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    if report.interrupted:
+        raise KeyboardInterrupt
+    print_report(console, report)
+    return report.exit_code
+
+
+def _run_suite(url: str, pytest_args: list[str], verbose: bool) -> ConformanceReport:
+    """Load and open the driver once, then run the suite on it; KVStoreError when
+    the URL names no loadable driver."""
     registry = default_registry()
     config = registry.parse_url(url)
     shown_url = config.redacted_url()
@@ -151,32 +194,36 @@ def run_conformance(
         capabilities = _open_and_close(registry, config)
     except Exception as exc:
         reason = f"could not open the driver: {type(exc).__name__}: {exc}"
-        report = ConformanceReport(shown_url, driver, exit_code=2, error=reason)
-    else:
-        driver["capabilities"] = asdict(capabilities)
-        collector = OutcomeCollector()
-        pytest_code = _run_pytest(url, pytest_args or [], verbose, collector)
-        results = list(collector.results.values())
-        report = ConformanceReport(
-            shown_url, driver, exit_code=_exit_code(pytest_code, results), results=results
+        return ConformanceReport(
+            shown_url, driver, exit_code=2, error=reason, pytest_args=pytest_args
         )
-        if report.exit_code and not results:
-            report.error = f"pytest exited with code {pytest_code} and ran no test"
-    print_report(console, report)
-    if json_path is not None:
-        Path(json_path).write_text(json.dumps(report.to_json(), indent=2) + "\n")
-    return report.exit_code
+    driver["capabilities"] = asdict(capabilities)
+    collector = OutcomeCollector()
+    pytest_code = _run_pytest(url, pytest_args, verbose, collector)
+    results = list(collector.results.values())
+    report = ConformanceReport(
+        shown_url,
+        driver,
+        exit_code=_exit_code(pytest_code, results),
+        results=results,
+        pytest_args=pytest_args,
+        deselected=collector.deselected,
+    )
+    if pytest_code == pytest.ExitCode.INTERRUPTED:
+        report.interrupted = True
+        report.error = "interrupted"
+    elif report.exit_code and not results:
+        report.error = f"pytest exited with code {pytest_code} and ran no test"
+    return report
 
 
 def print_report(console: Console, report: ConformanceReport) -> None:
     """The per-area table, then every failure and every distinct skip reason."""
     driver = report.driver
-    console.print(
-        f"kvstore conformance: [bold]{escape(report.url)}[/bold] "
-        f"({escape(driver['class'])} from {escape(driver['source'])})"
-    )
+    origin = f" ({escape(driver['class'])} from {escape(driver['source'])})" if driver else ""
+    console.print(f"kvstore conformance {SUITE_VERSION}: [bold]{escape(report.url)}[/bold]{origin}")
     if report.error:
-        console.print(f"[red]error:[/red] {escape(report.error)}")
+        Console(stderr=True).print(f"[red]error:[/red] {escape(report.error)}")
     if report.results:
         table = Table()
         for column in ("area", "passed", "failed", "skipped"):
@@ -201,11 +248,17 @@ def print_report(console: Console, report: ConformanceReport) -> None:
     )
     for (area, reason), count in skips.items():
         console.print(f"[yellow]skipped[/yellow] {count} in {area}: {escape(reason)}")
+    if report.deselected:
+        console.print(
+            f"[yellow]deselected[/yellow] {len(report.deselected)} by "
+            f"{escape(' '.join(report.pytest_args))}: {escape(', '.join(report.deselected))}"
+        )
     totals = report.totals()
     verdict = "[green]PASSED[/green]" if report.passed else "[red]FAILED[/red]"
     console.print(
         f"{verdict} {totals['passed']} passed, {totals['failed']} failed, "
-        f"{totals['error']} errors, {totals['skipped']} skipped"
+        f"{totals['error']} errors, {totals['skipped']} skipped, "
+        f"{len(report.deselected)} deselected"
     )
 
 
@@ -224,7 +277,8 @@ def _open_and_close(registry: DriverRegistry, config: DriverConfig) -> Capabilit
 
 
 def _run_pytest(url: str, extra_args: list[str], verbose: bool, collector: OutcomeCollector) -> int:
-    """Run ``suite_for_url.py`` in this process, isolated from any project config."""
+    """Run ``suite_for_url.py`` in this process, isolated from any project config
+    and from other installed pytest plugins."""
     here = str(SUITE_MODULE.parent)
     args = [
         str(SUITE_MODULE),
@@ -238,19 +292,36 @@ def _run_pytest(url: str, extra_args: list[str], verbose: bool, collector: Outco
         "no:cacheprovider",
         "-p",
         "no:asyncio",
+        "-p",
+        "kvstore.conformance.plugin",
         "-v" if verbose else "-q",
+        *extra_args,
     ]
-    if os.environ.get("PYTEST_DISABLE_PLUGIN_AUTOLOAD"):
-        args += ["-p", "kvstore.conformance.plugin"]
-    args += extra_args
     if verbose:
-        return int(pytest.main(args, plugins=[collector]))
+        with _only_our_plugin():
+            return int(pytest.main(args, plugins=[collector]))
     output = io.StringIO()
-    with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
+    with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output), _only_our_plugin():
         code = int(pytest.main(args, plugins=[collector]))
     if code in (pytest.ExitCode.INTERNAL_ERROR, pytest.ExitCode.USAGE_ERROR):
         sys.stderr.write(output.getvalue())
     return code
+
+
+@contextlib.contextmanager
+def _only_our_plugin() -> Iterator[None]:
+    """Keep pytest from loading every installed plugin's entry point: the suite
+    needs none but its own, and importing them all can take seconds."""
+    name = "PYTEST_DISABLE_PLUGIN_AUTOLOAD"
+    before = os.environ.get(name)
+    os.environ[name] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = before
 
 
 def _exit_code(pytest_code: int, results: list[TestResult]) -> int:
@@ -267,13 +338,13 @@ def _exit_code(pytest_code: int, results: list[TestResult]) -> int:
 
 
 def _reason(report: pytest.TestReport | pytest.CollectReport) -> str:
-    """The first line of why a test failed or was skipped, at most MESSAGE_CHARS long."""
+    """Why a test failed or was skipped on one line (the assertion's message and
+    the values it compared), at most MESSAGE_CHARS long."""
     longrepr = report.longrepr
     if isinstance(longrepr, tuple):
         text = str(longrepr[2]).removeprefix("Skipped: ")
     else:
         crash = getattr(longrepr, "reprcrash", None)
         text = str(crash.message) if crash is not None else str(longrepr or "")
-    lines = text.strip().splitlines()
-    first = lines[0] if lines else ""
-    return first if len(first) <= MESSAGE_CHARS else first[: MESSAGE_CHARS - 3] + "..."
+    line = " ".join(part.strip() for part in text.strip().splitlines() if part.strip())
+    return line if len(line) <= MESSAGE_CHARS else line[: MESSAGE_CHARS - 3] + "..."

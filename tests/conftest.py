@@ -10,7 +10,13 @@ from __future__ import annotations
 
 import os
 
+import pytest
 import torch
+from prerequisites import check_marked_prerequisites
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    check_marked_prerequisites(item)

@@ -10,10 +10,11 @@ with ``redis-cli --cluster create``. Every wait is bounded.
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -271,6 +272,7 @@ class RedisServer:
         if self.process is None:
             return
         if self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)
             self.process.terminate()
             try:
                 self.process.wait(STOP_TIMEOUT_S)
@@ -287,6 +289,15 @@ class RedisServer:
         self.process.wait(STOP_TIMEOUT_S)
         self.process = None
 
+    def pause(self) -> None:
+        """Freeze the server (SIGSTOP): connections stay open and nothing answers."""
+        if self.process is not None:
+            self.process.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.process is not None:
+            self.process.send_signal(signal.SIGCONT)
+
     def restart(self) -> None:
         """Start again on the same port (empty: persistence is off)."""
         self.stop()
@@ -297,6 +308,15 @@ class RedisServer:
         if not path.exists():
             return "(no log)"
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def serve(directory: Path) -> Iterator[RedisServer]:
+    """A plain server in ``directory``, started, then stopped when the caller (a
+    module fixture: ``yield from serve(...)``) is done with it."""
+    server = RedisServer(directory)
+    server.start()
+    yield server
+    server.stop()
 
 
 class RedisClusterProcess:

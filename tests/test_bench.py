@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from prerequisites import requires
 from redis_server import RedisServer, redis_available
 
 from kvstore.bench import LAYOUTS
@@ -77,7 +78,7 @@ def test_bench_rejects_empty_runs(tmp_path: Path, option: list[str]) -> None:
     assert main(["bench", "--quick", "--tiers", "cpu", "--dir", str(tmp_path), *option]) == 2
 
 
-@pytest.mark.skipif(not redis_available(), reason="redis-server is not installed")
+@requires(redis_available(), "redis-server is not installed")
 def test_bench_measures_a_remote_tier_against_its_raw_client(tmp_path: Path) -> None:
     server = RedisServer(tmp_path / "redis")
     server.start()

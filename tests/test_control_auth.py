@@ -15,6 +15,7 @@ import pytest
 import torch
 import yaml
 from control_server import ControlProcess, namespace_file
+from prerequisites import requires
 from pydantic import ValidationError
 from redis_server import TlsFiles
 
@@ -169,7 +170,9 @@ async def test_missing_token_variable_refuses_to_start(tmp_path: Path) -> None:
             await serve_control(store, ControlConfig(port=0, token_env="UNSET_TOKEN_VARIABLE"))
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl makes the certificates")
+@requires(
+    shutil.which("openssl") is not None, "openssl, which makes the certificates, is not installed"
+)
 async def test_https_with_client_certificates(tmp_path: Path) -> None:
     tls = TlsFiles.create(tmp_path / "tls")
     control = ControlConfig(

@@ -11,6 +11,7 @@ import pytest
 
 from kvstore.cli import main
 from kvstore.demo.model import build_tokenizer
+from kvstore.demo.runner import _millions, _verdict
 from kvstore.demo.workload import CHAT_FIRST, CHAT_NEXT, DOC_FIRST, DOC_NEXT, build_workload
 from kvstore.errors import InvalidArgumentError
 
@@ -31,6 +32,11 @@ def test_demo_cli_end_to_end(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     assert "identical tokens with and without the cache" in done.stdout
     assert "TTFT" in done.stdout
+    # Not a terminal: a line per request instead of a live progress bar.
+    progress = [line for line in done.stdout.splitlines() if line.startswith("request ")]
+    assert [line.split(":")[0] for line in progress] == [f"request {i}/6" for i in range(1, 7)]
+    assert "(0M parameters" not in done.stdout
+    assert "M parameters" in done.stdout
     result = json.loads(report.read_text())
     assert result["tokens_identical"] is True
     classes = {row["kind"]: row for row in result["classes"]}
@@ -102,3 +108,21 @@ def test_workload_rejects_bad_sizes() -> None:
         build_workload(tokenizer, context=256, requests=4, new_tokens=4)
     with pytest.raises(InvalidArgumentError):
         build_workload(tokenizer, context=4096, requests=0, new_tokens=4)
+
+
+def test_parameter_counts_keep_a_decimal_below_ten_million() -> None:
+    assert [_millions(n) for n in (312_000, 4_210_000, 32_400_000)] == ["0.3M", "4.2M", "32M"]
+
+
+@pytest.mark.parametrize(
+    ("cached_tokens", "speedup", "verdict"),
+    [
+        (0, 1.3, "nothing came from the cache"),
+        (512, 0.8, "0.80x, slower with the cache"),
+        (512, 12.5, "[bold]12.5x[/bold] faster"),
+    ],
+)
+def test_summary_calls_a_request_faster_only_when_the_cache_made_it_so(
+    cached_tokens: int, speedup: float, verdict: str
+) -> None:
+    assert _verdict({"cached_tokens": cached_tokens, "speedup": speedup}) == verdict

@@ -29,6 +29,7 @@ LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=32)
 CHUNK = 16
 NAMESPACE = Namespace("metrics-model", "rev", LAYOUT, chunk_tokens=CHUNK)
 CHUNK_BYTES = LAYOUT.nbytes(CHUNK) + 128  # payload plus header
+CHUNK_ROOM = 256 << 10  # what one such chunk occupies in cpu: a whole page
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -72,7 +73,7 @@ async def two_tiers(tmp_path: Path) -> AsyncIterator[AsyncKVStore]:
     store = await AsyncKVStore.open(
         config(
             "counters",
-            {"url": "cpu://?capacity=16MiB", "name": "ram", "capacity": 4 * CHUNK_BYTES},
+            {"url": "cpu://?capacity=16MiB", "name": "ram", "capacity": 4 * CHUNK_ROOM},
             {"url": f"nvme://{tmp_path}/nvme?capacity=64MiB", "name": "disk"},
         ),
         NAMESPACE,
@@ -117,7 +118,7 @@ async def test_counters_and_levels_match_stats(two_tiers: AsyncKVStore) -> None:
     assert ram.hits + disk.hits == 6 and disk.hits >= 2
     assert disk.chunks_written == 6
     assert value(samples, "kvstore_tier_capacity_bytes", store="counters", tier="ram") == (
-        4 * CHUNK_BYTES
+        4 * CHUNK_ROOM
     )
     assert value(samples, "kvstore_write_queue_bytes", store="counters") == stats.queued_bytes
     assert value(samples, "kvstore_write_queue_limit_bytes", store="counters") == 1 << 30

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 from mooncake_server import MooncakeMaster, free_port, master_available
+from prerequisites import requires
 
 from kvstore.config import StoreConfig
 from kvstore.conformance import DriverTests
@@ -38,8 +39,8 @@ from kvstore.layout import KVLayout
 from kvstore.registry import open_driver
 from kvstore.store import AsyncKVStore
 
-pytestmark = pytest.mark.skipif(
-    not master_available(), reason="mooncake-transfer-engine (mooncake_master) is not installed"
+pytestmark = requires(
+    master_available(), "mooncake-transfer-engine (mooncake_master) is not installed"
 )
 
 RECONNECT_TIMEOUT_S = 30.0

@@ -30,6 +30,7 @@ from kvstore.drivers.nvme.layout import (
     entry_path,
     file_size,
     padded,
+    shard_of,
 )
 from kvstore.errors import (
     CapacityError,
@@ -37,6 +38,8 @@ from kvstore.errors import (
     DriverClosedError,
     DriverUnavailableError,
 )
+from kvstore.keys import Namespace, chunk_keys, storage_prefix
+from kvstore.layout import KVLayout
 from kvstore.registry import open_driver
 
 MiB = 1 << 20
@@ -126,7 +129,9 @@ async def test_registry_opens_the_driver_from_a_url(tmp_path: Path) -> None:
             True,
             False,
         )
-        assert caps.capacity_bytes == caps.max_value_bytes == MiB
+        assert caps.capacity_bytes == MiB
+        assert caps.max_value_bytes == MiB - HEADER_SIZE  # the largest value whose file fits
+        assert opened.footprint(caps.max_value_bytes) == MiB
     finally:
         await opened.close()
 
@@ -209,7 +214,7 @@ async def test_file_layout_and_header(driver: NvmeDriver, tmp_path: Path) -> Non
     long_key = bytes(range(256))
     await driver.put_many([(b"\x12\x34", value), (long_key, b"long"), (b"empty", b"")])
     path = entry_path(root, b"\x12\x34")
-    assert path == os.path.join(root, "12", "1234")
+    assert path == os.path.join(root, shard_of(b"\x12\x34"), "1234")
     data = read_bytes(path)
     assert len(data) == file_size(len(value)) == HEADER_SIZE + 2 * ALIGN
     assert decode_header(data[:HEADER_SIZE]) == (b"\x12\x34", len(value))
@@ -217,6 +222,39 @@ async def test_file_layout_and_header(driver: NvmeDriver, tmp_path: Path) -> Non
     assert len(read_bytes(entry_path(root, b"empty"))) == HEADER_SIZE
     assert len(os.path.basename(entry_path(root, long_key))) < 100
     assert await driver.get_many([long_key, b"empty"]) == [b"long", b""]
+
+
+async def test_storage_keys_spread_over_the_shards(tmp_path: Path) -> None:
+    """Every storage key of a namespace starts with the same tenant and namespace
+    tags; the shard is chosen by a hash of the whole key, so they still spread."""
+    namespace = Namespace("model", "rev", KVLayout(2, 2, 32), chunk_tokens=4)
+    keys = [
+        storage_prefix(namespace) + key
+        for key in chunk_keys(namespace.digest(), list(range(4 * 116)), 4)
+    ]
+    async with await open_nvme(tmp_path / "store", fsync=False) as opened:
+        await opened.put_many([(key, b"v") for key in keys])
+    shards = {Path(entry_path(str(tmp_path / "store"), key)).parent.name for key in keys}
+    assert len(shards) > 64  # 116 keys over 256 shards: about 93 expected, 1 by first byte
+    for shard in shards:
+        assert any((tmp_path / "store" / shard).iterdir())
+
+
+async def test_files_of_the_first_byte_layout_are_moved_into_place(tmp_path: Path) -> None:
+    """Directories written when the shard was the key's first byte stay readable."""
+    root = tmp_path / "store"
+    values = {f"key-{i}".encode(): payload(5000, seed=i) for i in range(8)}
+    async with await open_nvme(root) as first:
+        await first.put_many(list(values.items()))
+    for key in values:
+        old = root / f"{key[0]:02x}" / key.hex()
+        os.replace(entry_path(str(root), key), old)
+    async with await open_nvme(root) as reopened:
+        got = await reopened.get_many(list(values))
+        assert [bytes(v) if v else None for v in got] == list(values.values())
+    placed = [Path(entry_path(str(root), key)) for key in values]
+    assert existing(*placed) == placed
+    assert not any((root / f"{b'k'[0]:02x}").iterdir())
 
 
 async def test_values_persist_across_reopen(tmp_path: Path) -> None:
@@ -269,33 +307,59 @@ async def test_file_truncated_under_an_open_driver_reads_as_a_miss(
     assert (await driver.usage()).bytes == 0
 
 
-async def test_a_second_driver_cannot_open_a_locked_directory(tmp_path: Path) -> None:
-    first = await open_nvme(tmp_path / "store")
+async def test_with_one_slot_a_second_driver_cannot_open_a_locked_directory(
+    tmp_path: Path,
+) -> None:
+    first = await open_nvme(tmp_path / "store", slots=1)
     try:
         with pytest.raises(DriverUnavailableError, match="in use by another open nvme driver"):
-            await open_nvme(tmp_path / "store")
+            await open_nvme(tmp_path / "store", slots=1)
     finally:
         await first.close()
-    second = await open_nvme(tmp_path / "store")
+    second = await open_nvme(tmp_path / "store", slots=1)
     await second.close()
 
 
-async def test_capacity_is_a_hard_limit(tmp_path: Path) -> None:
+async def test_drivers_sharing_a_directory_take_private_slots(tmp_path: Path) -> None:
+    root = tmp_path / "store"
+    first = await open_nvme(root, slots=3)
+    second = await open_nvme(root, slots=3)
+    third = await open_nvme(root, slots=3)
+    try:
+        assert first.capabilities.detail("path") == str(root)
+        assert second.capabilities.detail("path") == str(root / "slots" / "1")
+        assert third.capabilities.detail("path") == str(root / "slots" / "2")
+        await first.put_many([(b"k", b"first")])
+        await second.put_many([(b"k", b"second")])
+        assert await third.get_many([b"k"]) == [None]
+        with pytest.raises(DriverUnavailableError, match="all 3 slots are taken"):
+            await open_nvme(root, slots=3)
+    finally:
+        await second.close()
+    async with await open_nvme(root, slots=3) as reopened:  # the free slot, values kept
+        assert reopened.capabilities.detail("path") == str(root / "slots" / "1")
+        assert await reopened.get_many([b"k"]) == [b"second"]
+    await first.close()
+    await third.close()
+
+
+async def test_capacity_is_a_hard_limit_on_file_bytes(tmp_path: Path) -> None:
+    """Capacity counts each value's file: a 4 KiB header plus the value padded to 4 KiB."""
     async with await open_nvme(tmp_path / "store", capacity="64KiB") as opened:
-        await opened.put_many([(b"a", bytes(40_000))])
+        assert opened.footprint(40_000) == file_size(40_000) == HEADER_SIZE + 40 * 1024
+        await opened.put_many([(b"a", bytes(40_000))])  # 44 KiB on disk
         with pytest.raises(CapacityError):
-            await opened.put_many([(b"b", bytes(30_000))])
+            await opened.put_many([(b"b", bytes(20_000))])  # 24 KiB more
         with pytest.raises(CapacityError):
-            await opened.put_many([(b"huge", bytes(64 * 1024 + 1))])
+            await opened.put_many([(b"huge", bytes(64 * 1024 - HEADER_SIZE + 1))])
         with pytest.raises(CapacityError):
-            await opened.put_many([(b"c", bytes(10_000)), (b"d", bytes(20_000))])
+            await opened.put_many([(b"c", bytes(5_000)), (b"d", bytes(5_000))])
         assert await opened.contains_many([b"b", b"c", b"d"]) == [False, False, False]
-        await opened.put_many([(b"a", bytes(60_000))])
-        await opened.put_many([(b"e", bytes(64 * 1024 - 60_000))])
+        await opened.put_many([(b"e", bytes(16 * 1024 - HEADER_SIZE))])  # exactly full
         usage = await opened.usage()
-        assert (usage.entries, usage.bytes, usage.capacity_bytes) == (2, 64 * 1024, 64 * 1024)
+        assert (usage.entries, usage.bytes, usage.capacity_bytes) == (2, 52_288, 64 * 1024)
         await opened.delete_many([b"a"])
-        await opened.put_many([(b"b", bytes(30_000))])
+        await opened.put_many([(b"b", bytes(20_000))])
 
 
 async def test_full_disk_is_a_capacity_error(tmp_path: Path) -> None:
@@ -318,7 +382,7 @@ async def test_full_disk_is_a_capacity_error(tmp_path: Path) -> None:
 async def test_other_disk_failures_are_driver_unavailable(
     driver: NvmeDriver, tmp_path: Path
 ) -> None:
-    shard = tmp_path / "store" / "61"
+    shard = tmp_path / "store" / shard_of(b"a")
     shard.rmdir()
     shard.write_bytes(b"")
     with pytest.raises(DriverUnavailableError):
@@ -391,7 +455,7 @@ async def test_cancelled_put_leaves_no_temp_files_or_reservations(tmp_path: Path
             await task
         assert temp_files(root) == []
         await opened.delete_many([b"big"])
-        await opened.put_many([(b"other", bytes(24 * MiB))])
+        await opened.put_many([(b"other", bytes(24 * MiB - HEADER_SIZE))])
 
 
 async def test_close_releases_the_directory(tmp_path: Path) -> None:

@@ -18,12 +18,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from prerequisites import missing, requires
 from redis_server import (
     RedisClusterProcess,
     RedisServer,
     TlsFiles,
     free_port,
     redis_available,
+    serve,
     tls_available,
 )
 
@@ -46,7 +48,7 @@ from kvstore.layout import KVLayout
 from kvstore.registry import open_driver
 from kvstore.store import AsyncKVStore
 
-pytestmark = pytest.mark.skipif(not redis_available(), reason="redis-server is not installed")
+pytestmark = requires(redis_available(), "redis-server is not installed")
 
 PASSWORD = "s3cret:/@?#%"
 ACL_USER = ("kvuser", "acl-pass word")
@@ -60,10 +62,7 @@ def fresh_prefix() -> str:
 
 @pytest.fixture(scope="module")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    server.start()
-    yield server
-    server.stop()
+    yield from serve(tmp_path_factory.mktemp("redis"))
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +76,7 @@ def auth_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServe
 @pytest.fixture(scope="module")
 def tls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     if not tls_available():
-        pytest.skip("this redis-server was built without TLS (or openssl is missing)")
+        missing("this redis-server was built without TLS (or openssl is missing)")
     directory = tmp_path_factory.mktemp("redis-tls")
     server = RedisServer(directory, tls=TlsFiles.create(directory / "tls"))
     server.start()

@@ -28,7 +28,7 @@ def test_shipped_drivers_come_from_entry_points() -> None:
     registry = default_registry()
     schemes = {d.info.scheme: d for d in registry.drivers()}
     assert {"cpu", "nvme"} <= set(schemes)
-    assert schemes["cpu"].source.startswith("kvstore ")
+    assert schemes["cpu"].source.startswith("kvstore-llm ")
     assert registry.get("nvme").load().__name__ == "NvmeDriver"
 
 
@@ -37,6 +37,15 @@ def test_duplicate_scheme_is_loud() -> None:
     registry.register(plugin("demo"), name="demo", source="first-dist 1.0")
     with pytest.raises(DriverLoadError, match=r"registered twice.*first-dist.*second-dist"):
         registry.register(plugin("demo"), name="demo", source="second-dist 2.0")
+
+
+def test_one_plugin_for_two_schemes_says_what_to_do() -> None:
+    registry = DriverRegistry()
+    shared = plugin("first")
+    registry.register(shared, name="first", source="dist 1.0")
+    with pytest.raises(DriverLoadError, match=r"already registers scheme 'first'.*own plugin"):
+        registry.register(shared, name="second", source="dist 1.0")
+    assert [d.info.scheme for d in registry.drivers()] == ["first"]
 
 
 def test_scheme_must_match_entry_point_name() -> None:
@@ -56,12 +65,14 @@ def test_missing_dependency_names_the_extra() -> None:
     registry = DriverRegistry()
     registry.register(
         plugin(
-            "needy", target="kvstore_missing_backend.driver:Driver", install_hint="kvstore[needy]"
+            "needy",
+            target="kvstore_missing_backend.driver:Driver",
+            install_hint="kvstore-llm[needy]",
         ),
         name="needy",
         source="dist",
     )
-    with pytest.raises(DriverLoadError, match=r"pip install 'kvstore\[needy\]'"):
+    with pytest.raises(DriverLoadError, match=r"pip install 'kvstore-llm\[needy\]'"):
         registry.get("needy").load()
 
 

@@ -32,11 +32,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import torch
 import yaml
 from redis_server import RedisServer, redis_available
 
+from kvstore.connectors.stores import shared_stores
 from kvstore.errors import (
     ConfigError,
     InvalidArgumentError,
@@ -53,6 +55,9 @@ SGLANG_IMPORT_DEPS = (
     "pillow==13.0.0",
     "msgspec==0.23.0",
     "pyzmq==27.3.0",
+    "orjson==3.13.0",
+    "ipython==9.18.1",
+    "traitlets==5.16.1",
 )
 FULL_IMPORT = os.environ.get("KVSTORE_TEST_SGLANG_FULL_IMPORT") == "1"
 
@@ -63,8 +68,13 @@ def _cache_dir() -> Path:
 
 
 def pip_target(name: str, requirements: tuple[str, ...]) -> Path:
-    """``requirements`` installed with ``pip --no-deps --target`` into a cached directory."""
-    target = _cache_dir() / name
+    """``requirements`` installed with ``pip --no-deps --target`` into a cached directory.
+
+    The directory's name carries a digest of ``requirements``, so a changed list
+    is installed afresh instead of reusing an older directory.
+    """
+    digest = hashlib.blake2b("\n".join(requirements).encode(), digest_size=6).hexdigest()
+    target = _cache_dir() / f"{name}-{digest}"
     if (target / ".complete").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -257,7 +267,7 @@ DYNAMIC = {
 
 
 def storage_config(
-    kvstore_config: Any,
+    config: Any,
     *,
     mla: bool = False,
     tp: tuple[int, int] = (0, 1),
@@ -265,7 +275,14 @@ def storage_config(
     model: str = "test-org/tiny-llama",
     **extra: Any,
 ) -> HiCacheStorageConfig:
-    """The config SGLang's cache controller builds, with the dynamic backend's extra config."""
+    """The config SGLang's cache controller builds, with the dynamic backend's extra config.
+
+    ``model`` is no checkpoint on disk, so a ``model_revision`` is given unless
+    ``extra`` sets one (``None``: leave it out and fingerprint the weights).
+    """
+    extra = {"model_revision": "tiny-llama-rev1", **extra}
+    if extra["model_revision"] is None:
+        del extra["model_revision"]
     return HiCacheStorageConfig(
         tp_rank=tp[0],
         tp_size=tp[1],
@@ -277,7 +294,7 @@ def storage_config(
         enable_storage_metrics=False,
         is_page_first_layout=False,
         model_name=model,
-        extra_config={**DYNAMIC, "kvstore_config": kvstore_config, **extra},
+        extra_config={**DYNAMIC, "config": config, **extra},
     )
 
 
@@ -290,8 +307,8 @@ def attach() -> Iterator[Attach]:
     ``register_mem_pool_host``; closed at the end of the test."""
     made: list[KVStoreHiCacheStorage] = []
 
-    def make(pool: HostPool, kvstore_config: Any, **options: Any) -> KVStoreHiCacheStorage:
-        config = storage_config(kvstore_config, mla=isinstance(pool, MLAHostPool), **options)
+    def make(pool: HostPool, store: Any, **options: Any) -> KVStoreHiCacheStorage:
+        config = storage_config(store, mla=isinstance(pool, MLAHostPool), **options)
         backend = StorageBackendFactory.create_backend("dynamic", config, pool)
         made.append(backend)
         backend.register_mem_pool_host(pool)
@@ -516,11 +533,11 @@ def test_configuration(attach: Attach, tmp_path: Path, local_tiers: list[str]) -
 
     config = storage_config(local_tiers)
     assert config.extra_config is not None
-    del config.extra_config["kvstore_config"]
-    with pytest.raises(ConfigError, match="needs kvstore_config"):
+    del config.extra_config["config"]
+    with pytest.raises(ConfigError, match="needs config"):
         StorageBackendFactory.create_backend("dynamic", config, pool)
-    for wrong in (None, 42, []):
-        with pytest.raises(ConfigError, match="tier URLs"):
+    for wrong in (None, 42, [], [3]):
+        with pytest.raises(ConfigError, match="YAML path, a tier URL"):
             StorageBackendFactory.create_backend("dynamic", storage_config(wrong), pool)
     with pytest.raises(ConfigError, match="model_revision"):
         StorageBackendFactory.create_backend(
@@ -548,6 +565,107 @@ def test_configuration(attach: Attach, tmp_path: Path, local_tiers: list[str]) -
     )
     with pytest.raises(InvalidArgumentError, match="not registered"):
         unregistered.batch_exists(page_hashes("x", 1))
+
+
+def checkpoint(directory: Path, weights: bytes) -> Path:
+    """A tiny local checkpoint: a config and one weight file."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text('{"model_type": "llama"}')
+    (directory / "model.safetensors").write_bytes(weights)
+    return directory
+
+
+def test_weights_are_fingerprinted_by_default(attach: Attach, tmp_path: Path) -> None:
+    """Without a model_revision the namespace binds a digest of the checkpoint: the
+    same checkpoint shares pages, a changed one under the same name never does."""
+    nvme = [f"nvme://{tmp_path}/nvme?capacity=16MiB"]
+    model = str(checkpoint(tmp_path / "tiny-llama", b"weights v1"))
+    keys, pages = page_hashes("weights", 3), host_indices([0, 1, 2])
+    pool = MHAHostPool("page_first", seed=30)
+    first = attach(pool, nvme, model=model, model_revision=None)
+    assert first.revision.startswith("blake3:")
+    assert all(first.batch_set_v1(keys, pages))
+    first.close()
+
+    same_pool = MHAHostPool("page_first", seed=31)
+    same = attach(same_pool, nvme, model=model, model_revision=None)
+    assert same.revision == first.revision
+    assert same.batch_get_v1(keys, host_indices([5, 6, 7])) == [True] * 3
+    assert same_tokens(pool, [0, 1, 2], same_pool, [5, 6, 7])
+    same.close()
+
+    (tmp_path / "tiny-llama" / "model.safetensors").write_bytes(b"weights v2")
+    changed_pool = MHAHostPool("page_first", seed=32)
+    changed = attach(changed_pool, nvme, model=model, model_revision=None)
+    assert changed.revision != first.revision
+    assert changed.batch_exists(keys) == 0
+    assert changed.batch_get_v1(keys, host_indices([5, 6, 7])) == [False] * 3
+    assert not same_tokens(pool, [0, 1, 2], changed_pool, [5, 6, 7])
+    changed.close()
+
+    other = str(checkpoint(tmp_path / "other-llama", b"weights v1 but elsewhere, retrained"))
+    served = attach(
+        MHAHostPool("page_first", seed=33),
+        nvme,
+        model="tiny-llama",
+        model_revision=None,
+        model_path=other,
+    )
+    assert served.store.async_store.namespace.model == "tiny-llama"
+    assert served.revision not in (first.revision, changed.revision)
+    assert served.batch_exists(keys) == 0
+
+
+def test_unfingerprintable_weights_refuse_to_start(tmp_path: Path) -> None:
+    pool = MHAHostPool("page_first", seed=34)
+    tiers = ["cpu://?capacity=4MiB"]
+    not_cached = storage_config(tiers, model="no-such-org/no-such-model", model_revision=None)
+    with pytest.raises(ConfigError, match=r"give model_revision .* or model_path"):
+        StorageBackendFactory.create_backend("dynamic", not_cached, pool)
+    (tmp_path / "empty").mkdir()
+    no_weights = storage_config(tiers, model_revision=None, model_path=str(tmp_path / "empty"))
+    with pytest.raises(ConfigError, match="no weight files"):
+        StorageBackendFactory.create_backend("dynamic", no_weights, pool)
+
+
+def test_config_forms_and_the_old_option_name(attach: Attach, tmp_path: Path) -> None:
+    """``config`` takes tier mappings and whole store configs like every connector;
+    ``kvstore_config`` still works for one release, with a DeprecationWarning."""
+    pool = MHAHostPool("page_first", seed=35)
+    mapped = attach(pool, [{"url": "cpu://?capacity=4MiB", "name": "hot"}])
+    assert [tier.name for tier in mapped.store.tiers] == ["hot"]
+    whole = attach(pool, {"tiers": ["cpu://?capacity=4MiB"], "tenant": "team-b"})
+    assert whole.store.async_store.namespace.tenant == "team-b"
+    quantized = attach(pool, [{"url": "cpu://?capacity=4MiB", "codecs": "int8"}])
+    assert quantized.store.async_store.namespace.codec == "int8"
+    keys = page_hashes("int8", 2)
+    assert all(quantized.batch_set_v1(keys, host_indices([0, 1])))
+    assert quantized.batch_get_v1(keys, host_indices([4, 5])) == [True, True]
+
+    old = storage_config(None, kvstore_config="cpu://?capacity=4MiB")
+    assert old.extra_config is not None
+    del old.extra_config["config"]
+    with pytest.warns(DeprecationWarning, match="kvstore_config .* now called config"):
+        backend = StorageBackendFactory.create_backend("dynamic", old, pool)
+    backend.register_mem_pool_host(pool)
+    assert backend.store.async_store.chunk_tokens == PAGE
+    backend.close()
+    both = storage_config("cpu://?capacity=4MiB", kvstore_config="cpu://?capacity=4MiB")
+    with pytest.raises(ConfigError, match="not both"):
+        StorageBackendFactory.create_backend("dynamic", both, pool)
+
+
+def test_the_first_rank_serves_the_control_api(attach: Attach) -> None:
+    """Every rank would listen on the same port: rank 0 starts the control server."""
+    config = {"tiers": ["cpu://?capacity=4MiB"], "control": {"enabled": True, "port": 0}}
+    ranks = [attach(MHAHostPool("page_first", 40 + r), config, tp=(r, 2)) for r in (0, 1)]
+    server = shared_stores.control(ranks[0].store)
+    assert server is not None
+    assert shared_stores.control(ranks[1].store) is None
+    assert httpx.get(f"{server.url}/v1/stats", timeout=10).status_code == 200
+    ranks[0].close()
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{server.url}/v1/stats", timeout=2)
 
 
 def test_a_namespace_refuses_other_keys(attach: Attach, local_tiers: list[str]) -> None:

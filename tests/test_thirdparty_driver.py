@@ -79,7 +79,7 @@ def test_conformance_passes(site_dir: Path, tmp_path: Path) -> None:
     assert report["passed"] is True
     assert report["driver"]["source"] == "kvstore-dictdriver 0.1.0"
     areas = report["areas"]
-    assert {"core", "batch", "concurrency", "errors", "faults"} <= set(areas)
+    assert {"core", "keys", "batch", "sustained", "concurrency", "errors"} <= set(areas)
     assert all(counts["failed"] == counts["error"] == 0 for counts in areas.values())
     assert areas["core"]["passed"] > 0
     skipped = [test for test in report["tests"] if test["outcome"] == "skipped"]

@@ -23,6 +23,7 @@ from transformers import (
 )
 
 from kvstore import InvalidArgumentError, KVLayout, Namespace, NotSupportedError, StoreConfig
+from kvstore.connectors.stores import shared_stores
 from kvstore.connectors.transformers import (
     TransformersConnector,
     model_layout,
@@ -263,7 +264,8 @@ def test_connector_starts_the_control_server_its_config_asks_for() -> None:
     with TransformersConnector.open(model, config) as conn:
         conn.prefill(prompts(2 * CHUNK, 20)[0])
         conn.store.flush()
-        url = conn._control.url if conn._control is not None else ""
+        control = shared_stores.control(conn.store)
+        url = control.url if control is not None else ""
         stats = httpx.get(f"{url}/v1/stats", timeout=10).json()
         assert stats["tiers"][0]["entries"] == 2
     with pytest.raises(httpx.ConnectError):

@@ -19,6 +19,7 @@ The GPU test runs ``benchmarks/gpu_kernels.py`` (compiled kernels, no
 interpreter); the slow test compiles each kernel mode for sm_90 without a GPU.
 """
 
+import importlib.util
 import os
 
 os.environ["TRITON_INTERPRET"] = "1"
@@ -32,6 +33,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from prerequisites import missing
 
 from kvstore.errors import InvalidArgumentError
 from kvstore.triton_kernels import (
@@ -56,7 +58,8 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 @pytest.fixture(autouse=True, scope="module")
 def _interpreted_kernels() -> None:
     """Skip unless Triton is installed and the kernels were built for its interpreter."""
-    pytest.importorskip("triton")
+    if importlib.util.find_spec("triton") is None:
+        missing("triton is not installed")
     from triton.runtime.interpreter import InterpretedFunction
 
     from kvstore.triton_kernels import kernels

@@ -36,9 +36,11 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from prerequisites import missing
 from redis_server import RedisServer, redis_available
 
 from kvstore.config import StoreConfig
+from kvstore.connectors.config import store_config
 from kvstore.connectors.vllm_lookup import (
     LookupClient,
     LookupServer,
@@ -46,13 +48,14 @@ from kvstore.connectors.vllm_lookup import (
     register_local,
     unregister_local,
 )
-from kvstore.connectors.vllm_options import ConnectorOptions, store_config, weights_revision
+from kvstore.connectors.vllm_options import ConnectorOptions
 from kvstore.connectors.vllm_paged import (
     block_slots,
     cpu_attention_planes,
     layer_cache,
     layer_order,
 )
+from kvstore.connectors.weights import weights_revision
 from kvstore.errors import ConfigError, InvalidArgumentError
 from kvstore.triton_kernels import gather, scatter
 
@@ -242,7 +245,7 @@ def _engine_python(request: pytest.FixtureRequest) -> Path:
     message = f"{VENV_PYTHON} is missing: run scripts/install-vllm to create it"
     if "vllm" in (request.config.getoption("markexpr") or ""):
         pytest.fail(message)
-    pytest.skip(message)
+    missing(message)
 
 
 def _venv_run(python: Path, *args: str, timeout: float) -> None:
@@ -429,7 +432,7 @@ def test_kvstore_extends_vllms_own_prefix_cache_hit(engines: dict[str, Any]) -> 
 def test_decode_engine_gets_the_prompt_from_the_prefill_engine(engines: dict[str, Any]) -> None:
     results = engines["requests"]
     if "decode" not in results:
-        pytest.skip("redis-server is not installed: no shared tier for the P/D engines")
+        missing("redis-server is not installed: no shared tier for the P/D engines")
     prefill, decode = results["prefill"], results["decode"]
     assert len(prefill["output"]) == 1
     assert decode["num_cached_tokens"] == 2 * BLOCK

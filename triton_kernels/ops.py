@@ -1,7 +1,7 @@
 """One dispatch function per operation: the Triton kernel on CUDA, the torch reference elsewhere.
 
 ``backend="auto"`` (the default) runs the Triton kernel when the tensors are
-on a CUDA device and Triton is installed (the ``kvstore[triton]`` extra),
+on a CUDA device and Triton is installed (the ``kvstore-llm[triton]`` extra),
 and the torch reference otherwise (CPU tensors, or CUDA without Triton).
 ``backend="torch"`` always runs the reference; ``backend="triton"`` always
 runs the kernel, which on CPU tensors needs Triton's interpreter
@@ -64,7 +64,9 @@ def _implementation(
     if backend == "auto":
         return kernels if kernels is not None and on_cuda and fp8_ok else reference
     if kernels is None:
-        raise NotSupportedError("the Triton backend needs Triton: pip install 'kvstore[triton]'")
+        raise NotSupportedError(
+            "the Triton backend needs Triton: pip install 'kvstore-llm[triton]'"
+        )
     if not on_cuda and not interpreter_enabled():
         raise NotSupportedError(
             f"the Triton backend needs CUDA tensors (got {device}) or TRITON_INTERPRET=1"

@@ -2,6 +2,9 @@
 
 The plugin registers this package for pytest's assert rewriting, which
 applies when the package is first imported by a test module or conftest.
+``FaultTests`` (the fault-injection wrapper) and ``KeySpecTests`` (the key
+spec's vectors, in ``keyspec``, which imports torch) test kvstore itself, not
+a driver: they are not part of ``DriverTests``.
 """
 
 from .base import DriverTestBase
@@ -11,27 +14,34 @@ from .concurrency import ConcurrencyTests
 from .core import CoreTests
 from .errors import ErrorTests
 from .faults import FaultTests
-from .keyspec import KeySpecTests
+from .footprint import FootprintTests
+from .keys import KeyTests
 from .loans import LoanTests
 from .persistence import PersistenceTests
+from .processes import ProcessPersistenceTests
+from .sustained import SustainedTests
+from .timeouts import TimeoutTests
 
 
 class DriverTests(
-    FaultTests,
-    LoanTests,
+    TimeoutTests,
     ErrorTests,
+    FootprintTests,
     CapacityTests,
+    ProcessPersistenceTests,
     PersistenceTests,
+    LoanTests,
     ConcurrencyTests,
+    SustainedTests,
     BatchTests,
+    KeyTests,
     CoreTests,
-    KeySpecTests,
 ):
     """The whole conformance suite. Subclass it as ``TestMyDriver`` and define a
     ``driver_config`` fixture returning your driver's URL or config.
 
     pytest runs inherited tests in reverse MRO order, so the bases are listed
-    last area first: core runs first, faults last.
+    last area first: core runs first, errors last.
     """
 
 
@@ -44,7 +54,11 @@ __all__ = [
     "DriverTests",
     "ErrorTests",
     "FaultTests",
-    "KeySpecTests",
+    "FootprintTests",
+    "KeyTests",
     "LoanTests",
     "PersistenceTests",
+    "ProcessPersistenceTests",
+    "SustainedTests",
+    "TimeoutTests",
 ]

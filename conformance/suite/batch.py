@@ -13,6 +13,19 @@ from ..harness import DriverHarness, assert_value, assert_values
 from .base import DriverTestBase
 
 
+def assert_view_of(view: memoryview, buffer: bytearray | memoryview, what: str) -> None:
+    """Fail unless ``view`` shows ``buffer``'s first bytes: a change to the buffer
+    shows through the view (checked by flipping the first byte and back)."""
+    if len(view) == 0:
+        return
+    before = view[0]
+    buffer[0] ^= 0xFF
+    try:
+        assert view[0] == buffer[0] != before, f"{what}: the result is not a view of that buffer"
+    finally:
+        buffer[0] ^= 0xFF
+
+
 class BatchTests(DriverTestBase):
     """Every driver: batch results line up with their keys, whatever the mix of
     hits, misses and repeats, and ``into`` buffers are filled or bypassed as the
@@ -38,7 +51,11 @@ class BatchTests(DriverTestBase):
         assert_values(harness.get(keys), expected, "batch of hits and misses")
         assert harness.contains(keys) == [key in stored for key in keys]
         into = [bytearray(256) for _ in keys]
-        assert_values(harness.get(keys, into=into), expected, "hits and misses into buffers")
+        got = harness.get(keys, into=into)
+        assert_values(got, expected, "hits and misses into buffers")
+        for index, (view, buffer) in enumerate(zip(got, into)):
+            if view is not None:
+                assert_view_of(view, buffer, f"into[{index}] holds the value of keys[{index}]")
         assert harness.delete(keys) == [key in stored for key in keys]
         assert harness.contains(keys) == [False] * len(keys)
 
@@ -52,6 +69,29 @@ class BatchTests(DriverTestBase):
         assert harness.contains(keys) == [key in values for key in keys]
         into = [bytearray(512) for _ in keys]
         assert_values(harness.get(keys, into=into), expected, "repeated keys into buffers")
+
+    def test_last_of_a_key_repeated_in_one_put_wins(self, harness: DriverHarness) -> None:
+        key, other = harness.key("repeated"), harness.key("other")
+        first, middle, last = harness.value(3000), harness.value(10), harness.value(700)
+        before = None if harness.capabilities.shared else harness.usage()
+        harness.put([(key, first), (other, middle), (key, middle), (key, last)])
+        assert_values(
+            harness.get([key, other]), [last, middle], "a key repeated in one put: the last wins"
+        )
+        if harness.capabilities.listable:
+            listed = harness.listing().get(key)
+            assert listed == len(last), (
+                f"a key repeated in one put is listed with its last value's size: {listed}"
+            )
+        if before is not None:
+            after = harness.usage()
+            grown = (after.entries - before.entries, after.bytes - before.bytes)
+            assert grown == (2, len(last) + len(middle)), (
+                f"a key repeated in one put is counted once, at its last size: usage grew by "
+                f"{grown} (entries, bytes)"
+            )
+        assert harness.delete([key]) == [True]
+        assert harness.get([key]) == [None], "a key repeated in one put left a copy behind"
 
     def test_empty_batches(self, harness: DriverHarness) -> None:
         harness.put([])
@@ -79,8 +119,36 @@ class BatchTests(DriverTestBase):
         for index, (view, buffer, value) in enumerate(zip(got, buffers, values)):
             assert buffer[: len(value)] == value, f"buffer {index} was not filled with the value"
             assert view is not None
-            buffer[0] ^= 0xFF
-            assert view[0] == buffer[0], f"result {index} is not a view of its into buffer"
+            assert_view_of(view, buffer, f"result {index} is a view of its into buffer")
+
+    def test_into_buffers_larger_than_values(self, harness: DriverHarness) -> None:
+        """The protocol's rule: a driver may use all of an ``into`` buffer (past the
+        value's length as scratch, as O_DIRECT padding does) and nothing outside it;
+        the result is a view of the buffer's first ``len(value)`` bytes."""
+        sizes = [1, 511, 4095, 4097, 70_001]
+        keys = harness.keys(len(sizes))
+        values = [harness.value(size) for size in sizes]
+        harness.put(list(zip(keys, values)))
+        guard = 8192
+        for extra in (0, 1, 4096, 12_345):
+            arenas = [bytearray(b"\xa5" * (guard + size + extra + guard)) for size in sizes]
+            into = [
+                memoryview(arena)[guard : guard + size + extra]
+                for arena, size in zip(arenas, sizes)
+            ]
+            got = harness.get(keys, into=into)
+            assert_values(got, values, f"values read into buffers {extra} bytes too large")
+            for index, (view, arena, value) in enumerate(zip(got, arenas, values)):
+                end = guard + len(into[index])
+                assert arena[:guard] == arena[end:] == b"\xa5" * guard, (
+                    f"drivers write only inside into buffers: bytes around buffer {index} "
+                    f"({len(value)}-byte value, {extra} spare) changed"
+                )
+                assert arena[guard : guard + len(value)] == value, (
+                    f"a value that fits is written at the start of its buffer: buffer {index}"
+                )
+                assert view is not None
+                assert_view_of(view, into[index], f"result {index} is a view of its into buffer")
 
     def test_into_buffer_of_another_format(self, harness: DriverHarness) -> None:
         key, value = harness.key(), harness.value(4096)

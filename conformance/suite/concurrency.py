@@ -26,20 +26,49 @@ def pattern(marker: int) -> bytes:
 
 
 def torn(value: memoryview | None, allow_miss: bool) -> str | None:
-    """Why ``value`` is not one whole pattern (``None`` when it is)."""
+    """Why ``value`` is not one whole pattern (``None`` when it is), naming the
+    promise broken: a mix of two writes, or bytes no writer wrote."""
     if value is None:
         return None if allow_miss else "a miss, though the key was never deleted"
-    if len(value) == 0:
-        return "an empty value"
     data = value.tobytes()
+    if not data:
+        return "bytes no writer wrote: an empty value"
+    runs = _runs(data)
     expected = pattern(data[0])
-    if len(data) != len(expected):
-        return f"a torn value: {len(data)} bytes starting with {data[0]}, not {len(expected)}"
-    if data != expected:
+    if len(runs) == 1 and len(data) == len(expected):
+        return None
+    if len(runs) == 2:
+        (first, head), (second, tail) = runs
+        if head == len(pattern(first)) and len(data) == len(pattern(second)):
+            return (
+                f"an overwrite kept the old value's tail: value {first} ({head} bytes) "
+                f"followed by the last {tail} bytes of value {second}"
+            )
+        if len(data) in (len(pattern(first)), len(pattern(second))):
+            return (
+                f"a mix of two writes (readers see whole values): {len(data)} bytes, "
+                f"the first {head} of value {first}, the rest of value {second}"
+            )
+    if len(runs) == 1:
         return (
-            f"a torn value: {len(data)} bytes that start with {data[0]} but are not all {data[0]}"
+            f"bytes no writer wrote: {len(data)} bytes of value {data[0]}, "
+            f"which is {len(expected)} bytes long"
         )
-    return None
+    return (
+        f"bytes no writer wrote: {len(data)} bytes in {len(runs)} runs, "
+        f"starting with {runs[:3]} (marker, length)"
+    )
+
+
+def _runs(data: bytes) -> list[tuple[int, int]]:
+    """``data`` as (byte, run length) pairs, at most 16 of them."""
+    runs: list[tuple[int, int]] = []
+    start = 0
+    while start < len(data) and len(runs) < 16:
+        end = start + len(data[start:]) - len(data[start:].lstrip(data[start : start + 1]))
+        runs.append((data[start], end - start))
+        start = end
+    return runs
 
 
 class ConcurrencyTests(DriverTestBase):

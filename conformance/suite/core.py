@@ -16,7 +16,9 @@ from .base import DriverTestBase
 
 MiB = 1 << 20
 
-ROUND_TRIP_SIZES = [1, 2, 100, 4096, 65_537, MiB + 7, 8 * MiB]
+ROUND_TRIP_SIZES = [1, 2, 100, 4096, 65_537, MiB + 7, 8 * MiB, 16 * MiB + 3]
+"""Up to just over 16 MiB, so a run with ``-m "not kvstore_large"`` still moves a
+value past the common 8 MiB and 16 MiB request and buffer limits."""
 LARGE_VALUE_BYTES = 33 * MiB + 1
 """Past 32 MiB, where a driver's single-request or single-buffer limits tend to show."""
 
@@ -60,19 +62,30 @@ class CoreTests(DriverTestBase):
         assert harness.contains([key]) == [True], "a zero-length value is stored, not a miss"
 
     def test_miss_is_none_and_false(self, harness: DriverHarness) -> None:
+        harness.put([(harness.key("neighbour"), b"a value next to the missing key")])
         key = harness.key("never-written")
-        assert harness.get([key]) == [None]
-        assert harness.get([key], into=[bytearray(16)]) == [None]
-        assert harness.contains([key]) == [False]
-        assert harness.delete([key]) == [False]
+        assert harness.get([key]) == [None], "a key never written is a miss: get_many"
+        assert harness.get([key], into=[bytearray(16)]) == [None], (
+            "a key never written is a miss: get_many with into"
+        )
+        assert harness.contains([key]) == [False], "a key never written is a miss: contains_many"
+        assert harness.delete([key]) == [False], (
+            "delete reports True only where a value was deleted"
+        )
 
-    def test_overwrite_replaces_value(self, harness: DriverHarness) -> None:
+    def test_overwrite_replaces_value_and_its_size(self, harness: DriverHarness) -> None:
         key = harness.key()
         for size in (1000, 10, 5000, 0, 4096):
             value = harness.value(size)
             harness.put([(key, value)])
             (got,) = harness.get([key])
-            assert_value(got, value, f"value after overwriting with {size} bytes")
+            assert_value(got, value, f"the last write wins: value after overwriting with {size} B")
+            if harness.capabilities.listable:
+                listed = harness.listing().get(key)
+                assert listed == size, (
+                    f"list reports the current size: {listed} listed after overwriting "
+                    f"with {size} bytes"
+                )
 
     def test_idempotent_re_put(self, harness: DriverHarness) -> None:
         key, value = harness.key(), harness.value(3000)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import ClassVar
 
 import pytest
 
 from ..harness import DriverHarness, assert_value
 from .base import DriverTestBase
+from .concurrency import PATTERN_SIZES, pattern, torn
 
 MiB = 1 << 20
 
@@ -60,6 +62,45 @@ class LoanTests(DriverTestBase):
         for got, value in zip(harness.run(borrow_then_change()), values):
             if got is not None:
                 assert_value(got, value, "a lent value after its key changed")
+
+    def test_lent_values_stay_whole_while_a_writer_puts(self, harness: DriverHarness) -> None:
+        harness.require_room(8 * max(PATTERN_SIZES))
+        key = harness.key()
+        harness.put([(key, pattern(1))])
+        driver = harness.driver
+        problems: list[str] = []
+        lent = 0
+
+        async def writer() -> None:
+            for round_ in range(48):
+                await driver.put_many([(key, pattern(2 + round_ % 8))])
+                await asyncio.sleep(0)
+
+        async def borrower() -> None:
+            nonlocal lent
+            for _ in range(16):
+                async with driver.borrow_many([key]) as (view,):
+                    if view is None:
+                        continue
+                    lent += 1
+                    at_start = view.tobytes()
+                    for _ in range(3):
+                        await asyncio.sleep(0)
+                    problem = torn(view, allow_miss=False)
+                    if problem is None and view.tobytes() != at_start:
+                        problem = "a lent value changed during its loan"
+                    if problem:
+                        problems.append(problem)
+                await asyncio.sleep(0)
+
+        async def scenario() -> None:
+            await asyncio.gather(writer(), borrower(), borrower())
+
+        harness.run(scenario())
+        assert not problems, (
+            f"lent values stay intact for the whole loan: {len(problems)} of {lent} loans "
+            f"broke it while a writer put, the first: {problems[0]}"
+        )
 
     def test_room_of_a_deleted_lent_value_returns_when_the_loan_ends(
         self, harness: DriverHarness

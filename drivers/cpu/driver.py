@@ -142,6 +142,10 @@ class CpuDriver(Driver[CpuConfig]):
         """The static flags plus the capacity and, in ``details``, the pinning in effect."""
         return self._capabilities
 
+    def footprint(self, nbytes: int) -> int:
+        """Whole pages: a value takes ``pages_for(nbytes)`` pages of the arena."""
+        return pages_for(nbytes, self._page_size) * self._page_size
+
     @property
     def free_bytes(self) -> int:
         """Bytes of free pages: the largest value a put can take right now."""

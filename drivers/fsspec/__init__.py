@@ -9,5 +9,5 @@ def kvstore_driver() -> DriverInfo:
         scheme="fsspec",
         target="kvstore.drivers.fsspec.driver:FsspecDriver",
         summary="any fsspec filesystem (fsspec+memory://, fsspec+file://, fsspec+s3://, ...)",
-        install_hint="kvstore[fsspec]",
+        install_hint="kvstore-llm[fsspec]",
     )

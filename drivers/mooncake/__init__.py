@@ -9,5 +9,5 @@ def kvstore_driver() -> DriverInfo:
         scheme="mooncake",
         target="kvstore.drivers.mooncake.driver:MooncakeDriver",
         summary="Mooncake store (master + transfer engine; TCP, or RDMA where present)",
-        install_hint="kvstore[mooncake]",
+        install_hint="kvstore-llm[mooncake]",
     )

@@ -222,6 +222,10 @@ class MooncakeDriver(Driver[MooncakeConfig]):
     def capabilities(self) -> Capabilities:
         return self._capabilities
 
+    def footprint(self, nbytes: int) -> int:
+        """The value and its pad byte: what the master allocates for the object."""
+        return nbytes + PAD
+
     async def register_memory(self, buffer: Buffer) -> None:
         """Register a buffer with the transfer engine, so puts of values inside it and
         gets into targets inside it skip the staging copy. The buffer must stay alive

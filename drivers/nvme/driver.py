@@ -6,7 +6,8 @@ Values are split into ``io_block`` pieces that a pool of ``io_threads``
 threads reads or writes in parallel with ``preadv``/``pwritev`` (GIL
 released), straight from or into the caller's memory when it is 4 KiB
 aligned. A put becomes visible only once its file is complete and synced:
-temp file, fsync, atomic rename, fsync of the directory.
+temp file, fsync, atomic rename, fsync of the directory. One process owns
+the directory; others that open it each take a private slot of it.
 """
 
 from __future__ import annotations
@@ -47,8 +48,11 @@ from .layout import (
     ALIGN,
     LOCK_NAME,
     SHARDS,
+    SLOTS_DIR,
     encode_header,
     entry_path,
+    file_size,
+    largest_value,
     padded,
     scan_shard,
     temp_path,
@@ -67,12 +71,19 @@ class NvmeConfig(DriverConfig):
     """Where and how the nvme driver stores values.
 
     path: the store directory (created if missing), absolute or relative.
-    capacity: hard limit on stored value bytes; a put past it raises CapacityError.
+    capacity: hard limit on the disk bytes the value files take (each value's
+        ``footprint``: a 4 KiB header plus the value padded to 4 KiB); a put past
+        it raises CapacityError.
     direct_io: ``auto`` uses O_DIRECT and falls back to buffered I/O where the
         filesystem refuses it; ``on`` makes that refusal an error; ``off`` is buffered.
     io_threads: threads doing disk I/O, i.e. the queue depth the driver keeps.
     io_block: bytes per pread/pwrite; larger values move as parallel pieces.
     fsync: sync files and directories so a put survives power loss.
+    slots: how many processes may use ``path`` at once, each in a private slot
+        of it: the first takes ``path`` itself, the others the first free one of
+        ``path/slots/1`` .. ``path/slots/{slots-1}`` (a slot is free when no live
+        process holds its lock, so a restarted process reuses one). ``1``: a
+        second open of a directory in use is an error.
     """
 
     scheme: ClassVar[str] = "nvme"
@@ -84,6 +95,7 @@ class NvmeConfig(DriverConfig):
     io_threads: int = Field(default=8, ge=1, le=1024)
     io_block: ByteSize = 4 << 20
     fsync: bool = True
+    slots: int = Field(default=64, ge=1, le=4096)
 
     @field_validator("io_block")
     @classmethod
@@ -94,7 +106,8 @@ class NvmeConfig(DriverConfig):
 
 
 class NvmeDriver(Driver[NvmeConfig]):
-    """Values as files on a local disk; persistent, listable, one owner per directory."""
+    """Values as files on a local disk; persistent, listable, one owner per directory
+    (or per slot of it, for the other processes that open it: ``slots``)."""
 
     config_type: ClassVar[type[DriverConfig]] = NvmeConfig
     static_capabilities: ClassVar[Capabilities] = Capabilities(
@@ -131,7 +144,7 @@ class NvmeDriver(Driver[NvmeConfig]):
             listable=True,
             zero_copy=True,
             shared=False,
-            max_value_bytes=config.capacity,
+            max_value_bytes=largest_value(config.capacity),
             capacity_bytes=config.capacity,
             details=(("io", io_mode), ("zero_copy", ZERO_COPY_NOTE), ("path", root)),
         )
@@ -151,19 +164,24 @@ class NvmeDriver(Driver[NvmeConfig]):
     def capabilities(self) -> Capabilities:
         return self._capabilities
 
+    def footprint(self, nbytes: int) -> int:
+        """The value's file: a 4 KiB header block plus the value padded to 4 KiB."""
+        return file_size(nbytes)
+
     async def _put_many(self, items: list[tuple[bytes, memoryview]]) -> None:
         values = dict(items)
         capacity = self.config.capacity
         for value in values.values():
-            if len(value) > capacity:
+            if file_size(len(value)) > capacity:
                 raise CapacityError(
-                    f"a value of {len(value)} bytes exceeds the capacity of {capacity} bytes",
+                    f"a value of {len(value)} bytes takes {file_size(len(value))} bytes on disk, "
+                    f"more than the capacity of {capacity} bytes",
                     driver=self.name,
                 )
         if not self._index.reserve((key, len(value)) for key, value in values.items()):
-            total = sum(len(value) for value in values.values())
+            total = sum(file_size(len(value)) for value in values.values())
             raise CapacityError(
-                f"{len(values)} values of {total} bytes do not fit: "
+                f"{len(values)} values taking {total} bytes on disk do not fit: "
                 f"{self._index.used} of {capacity} bytes are used",
                 driver=self.name,
             )
@@ -186,7 +204,7 @@ class NvmeDriver(Driver[NvmeConfig]):
             yield entry
 
     async def _usage(self) -> Usage:
-        return Usage(len(self._index), self._index.used, self.config.capacity)
+        return Usage(len(self._index), self._index.value_bytes, self.config.capacity)
 
     async def _close(self) -> None:
         await self._inflight.drain()
@@ -433,14 +451,13 @@ class NvmeDriver(Driver[NvmeConfig]):
 
 
 def _prepare(config: NvmeConfig, pool: ThreadPoolExecutor) -> tuple[str, int, EntryIndex, str]:
-    """Blocking part of ``open``: the absolute root, its lock, the shard directories,
-    the I/O mode and the index."""
-    root = os.path.abspath(config.path)
+    """Blocking part of ``open``: the slot directory taken and its lock, the shard
+    directories, the I/O mode and the index."""
+    path = os.path.abspath(config.path)
     try:
-        os.makedirs(root, exist_ok=True)
-        lock_fd = _lock_directory(root, config.scheme)
+        root, lock_fd = _take_slot(path, config)
     except OSError as exc:
-        raise DriverUnavailableError(f"cannot open {root}: {exc}", driver=config.scheme) from exc
+        raise DriverUnavailableError(f"cannot open {path}: {exc}", driver=config.scheme) from exc
     try:
         io_mode = _choose_io_mode(config, root)
         present = set(os.listdir(root))
@@ -467,6 +484,9 @@ def _prepare(config: NvmeConfig, pool: ThreadPoolExecutor) -> tuple[str, int, En
             removed_temp,
             removed_invalid,
         )
+    relocated = sum(scan.relocated for scan in scans)
+    if relocated:
+        log.info("%s: moved %d files into the shards their keys hash to", root, relocated)
     index = EntryIndex(config.capacity, (entry for scan in scans for entry in scan.entries))
     if index.used > config.capacity:
         log.warning(
@@ -478,8 +498,34 @@ def _prepare(config: NvmeConfig, pool: ThreadPoolExecutor) -> tuple[str, int, En
     return root, lock_fd, index, io_mode
 
 
-def _lock_directory(root: str, scheme: str) -> int:
-    """Take the directory's exclusive lock (an flock on its lock file) or say who holds it."""
+def _take_slot(path: str, config: NvmeConfig) -> tuple[str, int]:
+    """The first slot of ``path`` no open driver holds (``path`` itself, then
+    ``path/slots/1`` ...) and its lock, or DriverUnavailableError naming who holds them."""
+    holders: list[str] = []
+    for slot in range(config.slots):
+        root = path if slot == 0 else os.path.join(path, SLOTS_DIR, str(slot))
+        os.makedirs(root, exist_ok=True)
+        fd, holder = _lock_directory(root)
+        if fd is not None:
+            if slot:
+                log.info("%s is in use by process %s; this driver takes %s", path, holders[0], root)
+            return root, fd
+        holders.append(holder)
+    lock = os.path.join(path, LOCK_NAME)
+    if config.slots == 1:
+        reason = f"process {holders[0]} holds the lock on {lock}; close that driver first"
+    else:
+        reason = f"all {config.slots} slots are taken (processes {', '.join(holders)})"
+    raise DriverUnavailableError(
+        f"{path} is in use by another open nvme driver ({reason}); raise slots= or use "
+        "another directory",
+        driver=config.scheme,
+    )
+
+
+def _lock_directory(root: str) -> tuple[int | None, str]:
+    """Take the directory's exclusive lock (an flock on its lock file): its file
+    descriptor, or ``None`` and the pid of the process that holds it."""
     path = os.path.join(root, LOCK_NAME)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | O_CLOEXEC, 0o644)
     try:
@@ -487,14 +533,10 @@ def _lock_directory(root: str, scheme: str) -> int:
     except BlockingIOError:
         holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
         os.close(fd)
-        raise DriverUnavailableError(
-            f"{root} is in use by another open nvme driver (process {holder} holds the lock on "
-            f"{path}); close that driver first or use another directory",
-            driver=scheme,
-        ) from None
+        return None, holder
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-    return fd
+    return fd, str(os.getpid())
 
 
 def _choose_io_mode(config: NvmeConfig, root: str) -> str:

@@ -1,10 +1,14 @@
 """The nvme driver's on-disk layout: where each value lives and its header block.
 
 A store directory holds a lock file and 256 shard directories named by the
-first byte of the key in hex (``00`` .. ``ff``). Each value is one file in its
-shard, named by the key's hex (or ``h`` + the key's blake3 digest when the hex
-would make too long a file name). A file is one 4 KiB header block followed by
-the value, zero-padded to a multiple of 4 KiB so O_DIRECT can move it whole:
+low byte of the key's xxh3-64 hash in hex (``00`` .. ``ff``): keys that share
+a prefix (every storage key starts with its tenant and namespace tags) still
+spread over every shard. Each value is one file in its shard, named by the
+key's hex (or ``h`` + the key's blake3 digest when the hex would make too long
+a file name). Directories written before shards were chosen by hash (the key's
+first byte) are moved into place when the directory is opened (``scan_shard``).
+A file is one 4 KiB header block followed by the value, zero-padded to a
+multiple of 4 KiB so O_DIRECT can move it whole:
 
     offset  size  field
     0       8     magic  b"KVSNVME\\x00"
@@ -37,6 +41,8 @@ HEADER_SIZE = ALIGN
 MAGIC = b"KVSNVME\x00"
 FORMAT_VERSION = 1
 LOCK_NAME = ".lock"
+SLOTS_DIR = "slots"
+"""Where the private slots of the processes sharing a directory live (``slots/1`` ...)."""
 TEMP_PREFIX = ".tmp-"
 SHARDS = tuple(f"{i:02x}" for i in range(256))
 
@@ -59,9 +65,14 @@ def file_size(value_length: int) -> int:
     return HEADER_SIZE + padded(value_length)
 
 
+def largest_value(capacity: int) -> int:
+    """The longest value whose file fits in ``capacity`` bytes (0 when none does)."""
+    return max(0, (capacity - HEADER_SIZE) // ALIGN * ALIGN)
+
+
 def shard_of(key: bytes) -> str:
-    """The shard directory name of ``key``: its first byte in hex."""
-    return f"{key[0]:02x}"
+    """The shard directory name of ``key``: the low byte of its xxh3-64 hash in hex."""
+    return f"{xxhash.xxh3_64_intdigest(key) & 0xFF:02x}"
 
 
 def file_name(key: bytes) -> str:
@@ -111,18 +122,22 @@ class ShardScan:
     entries: list[tuple[bytes, int]]
     removed_temp: int = 0
     removed_invalid: int = 0
+    relocated: int = 0
 
 
 def scan_shard(shard_dir: str) -> ShardScan:
     """Index the valid files of one shard, deleting temp leftovers and invalid files.
 
-    A file is valid when its header decodes, its key maps to its own name and
-    shard, and its size is exactly what the header's value length implies (a
-    truncated or foreign file fails one of these). Only the directory's owner
-    may call this: it assumes no write is in flight.
+    A file is valid when its header decodes, its key maps to its own name, and
+    its size is exactly what the header's value length implies (a truncated or
+    foreign file fails one of these). A valid file in another shard than its
+    key's (the layout before shards were chosen by hash) is moved to its shard,
+    unless that holds the key's file already. Only the directory's owner may
+    call this: it assumes no write is in flight.
     """
     scan = ShardScan(entries=[])
     shard = os.path.basename(shard_dir)
+    root = os.path.dirname(shard_dir)
     with os.scandir(shard_dir) as listing:
         for item in listing:
             if not item.is_file(follow_symlinks=False):
@@ -132,11 +147,18 @@ def scan_shard(shard_dir: str) -> ShardScan:
                 scan.removed_temp += 1
                 continue
             entry = _read_entry(item.path)
-            if entry is None or shard_of(entry[0]) != shard or file_name(entry[0]) != item.name:
+            if entry is None or file_name(entry[0]) != item.name:
                 os.unlink(item.path)
                 scan.removed_invalid += 1
-            else:
-                scan.entries.append(entry)
+                continue
+            if shard_of(entry[0]) != shard:
+                placed = entry_path(root, entry[0])
+                if os.path.exists(placed):
+                    os.unlink(item.path)
+                    continue
+                os.replace(item.path, placed)
+                scan.relocated += 1
+            scan.entries.append(entry)
     return scan
 
 

@@ -11,7 +11,7 @@ class RedisPlugin:
             scheme=scheme,
             target=f"kvstore.drivers.redis.driver:{class_name}",
             summary=summary,
-            install_hint="kvstore[redis]",
+            install_hint="kvstore-llm[redis]",
         )
 
     @hookimpl

@@ -9,5 +9,5 @@ def kvstore_driver() -> DriverInfo:
         scheme="s3",
         target="kvstore.drivers.s3.driver:S3Driver",
         summary="S3-compatible object stores through botocore",
-        install_hint="kvstore[s3]",
+        install_hint="kvstore-llm[s3]",
     )

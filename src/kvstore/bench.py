@@ -47,6 +47,14 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from kvstore.bench_options import (
+    CHUNK_TOKENS,
+    FULL_BYTES,
+    FULL_REPEATS,
+    QUICK_BYTES,
+    QUICK_REPEATS,
+    add_bench_arguments,
+)
 from kvstore.chunk import raw_chunk_size
 from kvstore.config import StoreConfig, TierConfig
 from kvstore.config_url import url_scheme
@@ -61,7 +69,8 @@ LAYOUTS: dict[str, KVLayout] = {
     "llama3-8b": KVLayout(num_layers=32, num_kv_heads=8, head_dim=128, dtype="float16"),
     "qwen2-0.5b": KVLayout(num_layers=24, num_kv_heads=2, head_dim=64, dtype="float16"),
 }
-"""Named KV layouts: Llama-3-8B (32 MiB a 256-token chunk) and Qwen2-0.5B (3 MiB)."""
+"""Named KV layouts: Llama-3-8B (32 MiB a 256-token chunk) and Qwen2-0.5B (3 MiB);
+their names are ``bench_options.LAYOUT_NAMES``."""
 
 TIERS = ("cpu", "nvme")
 TARGETS: dict[str, float] = {"cpu": 0.85, "nvme": 0.90}
@@ -69,12 +78,6 @@ REMOTE_TARGET = 0.85
 """The ratio each tier aims for against its raw baseline (reported, not enforced);
 remote tiers (``--url``) aim for ``REMOTE_TARGET`` of their raw client."""
 
-CHUNK_TOKENS = 256
-FULL_BYTES = 512 << 20
-QUICK_BYTES = 24 << 20
-"""KV bytes moved per repeat and layout when ``--chunks`` is not given."""
-
-FULL_REPEATS, QUICK_REPEATS = 5, 2
 DEFAULT_IO_THREADS, DEFAULT_IO_BLOCK = 8, 4 << 20
 """Baseline threads and piece size when the nvme driver's config names none."""
 
@@ -591,54 +594,6 @@ def report(rows: Sequence[Row], settings: Settings, errors: Sequence[str]) -> di
         "results": [row.to_json() for row in rows],
         "errors": list(errors),
     }
-
-
-def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``kvstore bench`` (and of benchmarks/store_tiers.py)."""
-    parser.add_argument(
-        "--layout",
-        choices=[*LAYOUTS, "all"],
-        default="all",
-        help="KV layout to measure (default: all)",
-    )
-    parser.add_argument(
-        "--tiers",
-        help="comma-separated local tiers (default: cpu,nvme, or none when --url is given)",
-    )
-    parser.add_argument(
-        "--url",
-        action="append",
-        metavar="URL",
-        help="also measure the tier at this driver URL against the raw client its driver "
-        "ships (e.g. redis://127.0.0.1:6379/0?prefix=bench); repeatable. The bench "
-        "clears the tier after each repeat: point it at a prefix of its own",
-    )
-    parser.add_argument(
-        "--chunks",
-        type=int,
-        help=f"256-token chunks per repeat (default: {format_size(FULL_BYTES)} of KV per "
-        f"layout, {format_size(QUICK_BYTES)} with --quick)",
-    )
-    parser.add_argument(
-        "--repeat",
-        type=int,
-        help=f"timed repeats, the median is reported (default {FULL_REPEATS}, "
-        f"{QUICK_REPEATS} with --quick)",
-    )
-    parser.add_argument("--warmup", type=int, default=1, help="untimed repeats first (default 1)")
-    parser.add_argument(
-        "--verify",
-        choices=["both", "on", "off"],
-        default="both",
-        help="payload verification on retrieve: measure with it on, off, or both (default)",
-    )
-    parser.add_argument(
-        "--dir",
-        metavar="DIR",
-        help="where the nvme tier and its baseline write (default: the user cache dir)",
-    )
-    parser.add_argument("--quick", action="store_true", help="small sizes, a few seconds a tier")
-    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
 
 
 def run_bench(args: argparse.Namespace) -> int:

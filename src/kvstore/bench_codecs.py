@@ -43,25 +43,18 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from kvstore.bench_options import (
+    CHUNK_TOKENS,
+    CODEC_FULL_REPEATS,
+    CODEC_FULL_TOKENS,
+    CODEC_QUICK_REPEATS,
+    CODEC_QUICK_TOKENS,
+)
 from kvstore.chunk import decode_chunk, encode_chunk, raw_chunk_size
 from kvstore.codecs import KeyRing, TensorCodec, codec_stack
 from kvstore.errors import ConfigError, InvalidArgumentError
 from kvstore.layout import KVLayout
 
-DEFAULT_STACKS = (
-    "raw",
-    "lz4",
-    "zstd",
-    "shuffle+zstd",
-    "int8",
-    "int8+zstd",
-    "fp8",
-    "kivi8",
-    "kivi4",
-    "kivi4+zstd",
-    "aesgcm",
-)
-CHUNK_TOKENS = 256
 GB = 1e9
 
 
@@ -84,8 +77,6 @@ FULL_MODEL = ModelShape(
 QUICK_MODEL = ModelShape(
     layers=2, hidden=128, heads=4, kv_heads=2, head_dim=32, intermediate=256, vocab=512
 )
-FULL_TOKENS, QUICK_TOKENS = 1024, 256
-FULL_REPEATS, QUICK_REPEATS = 3, 1
 FULL_QUERIES, QUICK_QUERIES = 32, 8
 
 
@@ -115,7 +106,7 @@ class ModelProbe:
             from transformers import LlamaConfig, LlamaForCausalLM
         except ImportError:
             raise ConfigError(
-                "kvstore bench codecs needs transformers: pip install 'kvstore[hf]'"
+                "kvstore bench codecs needs transformers: pip install 'kvstore-llm[hf]'"
             ) from None
         config = LlamaConfig(
             vocab_size=shape.vocab,
@@ -273,56 +264,11 @@ def results_table(rows: Sequence[CodecRow], title: str) -> Table:
     return table
 
 
-def add_codec_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``kvstore bench codecs``."""
-    parser.add_argument(
-        "--stacks",
-        default=",".join(DEFAULT_STACKS),
-        help=f"comma-separated codec stacks (default: {','.join(DEFAULT_STACKS)})",
-    )
-    parser.add_argument(
-        "--dtype",
-        choices=["float16", "bfloat16", "float32"],
-        default="float16",
-        help="dtype the KV is stored in (default float16)",
-    )
-    parser.add_argument(
-        "--tokens",
-        type=int,
-        help=f"prompt tokens, a multiple of {CHUNK_TOKENS} (default {FULL_TOKENS}, "
-        f"{QUICK_TOKENS} with --quick)",
-    )
-    parser.add_argument(
-        "--repeat",
-        type=int,
-        help=f"timed runs per stack, the median is reported (default {FULL_REPEATS}, "
-        f"{QUICK_REPEATS} with --quick)",
-    )
-    parser.add_argument(
-        "--device",
-        default="cpu",
-        help="where the KV lives while it is encoded and decoded (cpu, cuda); quantizers "
-        "run there, other stacks copy to and from host memory (default cpu)",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="model weights and prompt seed")
-    parser.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch intra-op threads while measuring (default 1: every stack on one core, "
-        "as lz4, zstd and AES-GCM run; the store encodes several chunks at once)",
-    )
-    parser.add_argument(
-        "--quick", action="store_true", help="a 2-layer model and one chunk (a few seconds)"
-    )
-    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
-
-
 def run_codec_bench(args: argparse.Namespace) -> int:
     """Measure every stack; 0 when all were measured."""
     shape = QUICK_MODEL if args.quick else FULL_MODEL
-    tokens = args.tokens or (QUICK_TOKENS if args.quick else FULL_TOKENS)
-    repeats = args.repeat or (QUICK_REPEATS if args.quick else FULL_REPEATS)
+    tokens = args.tokens or (CODEC_QUICK_TOKENS if args.quick else CODEC_FULL_TOKENS)
+    repeats = args.repeat or (CODEC_QUICK_REPEATS if args.quick else CODEC_FULL_REPEATS)
     queries = QUICK_QUERIES if args.quick else FULL_QUERIES
     if tokens < CHUNK_TOKENS or tokens % CHUNK_TOKENS or repeats < 1:
         raise InvalidArgumentError(

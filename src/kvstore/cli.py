@@ -6,29 +6,34 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from rich.console import Console
-from rich.markup import escape
-from rich.table import Table
-
 from kvstore.errors import KVStoreError
+
+INTERRUPTED_EXIT_CODE = 130
+"""What a command interrupted by Ctrl-C exits with (128 + SIGINT), as shells do."""
 
 
 def _cmd_drivers(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
     from kvstore.registry import default_registry
 
     console = Console()
     table = Table(title="kvstore drivers")
     for column in ("scheme", "source", "summary", "status", "capabilities"):
         table.add_column(column)
+    unavailable: list[tuple[str, str]] = []
     for registered in default_registry().drivers():
         try:
             cls = registered.load()
         except KVStoreError as exc:
+            unavailable.append((registered.info.scheme, exc.message))
             table.add_row(
                 registered.info.scheme,
                 registered.source,
                 registered.info.summary,
-                f"[red]unavailable[/red]: {escape(exc.message)}",
+                "[red]unavailable[/red] (below)",
                 "",
             )
             continue
@@ -40,6 +45,9 @@ def _cmd_drivers(args: argparse.Namespace) -> int:
             ", ".join(cls.static_capabilities.summary()),
         )
     console.print(table)
+    # Load errors carry the install hint: printed in full width, not squeezed into a column.
+    for scheme, message in unavailable:
+        console.print(f"[red]{scheme}[/red]: {escape(message)}")
     return 0
 
 
@@ -105,8 +113,7 @@ def _conformance_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _bench_arguments(parser: argparse.ArgumentParser) -> None:
-    from kvstore.bench import add_bench_arguments
-    from kvstore.bench_codecs import add_codec_bench_arguments
+    from kvstore.bench_options import add_bench_arguments, add_codec_bench_arguments
 
     add_bench_arguments(parser)
     modes = parser.add_subparsers(dest="bench_mode", metavar="{codecs}")
@@ -176,16 +183,17 @@ _COMMANDS: dict[
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    """The parser; only ``command``'s arguments are loaded (or every command's if None).
+    """The parser; only ``command``'s arguments are loaded (none when ``command`` is None).
 
     Some commands' arguments live in modules that import torch; loading just the
-    one being run keeps ``kvstore ctl`` and ``kvstore drivers`` quick to start.
+    one being run keeps ``kvstore --help``, ``kvstore ctl`` and ``kvstore drivers``
+    quick to start.
     """
     parser = argparse.ArgumentParser(prog="kvstore", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     for name, (summary, add_arguments, func) in _COMMANDS.items():
         sub = commands.add_parser(name, help=summary)
-        if command is None or command == name:
+        if command == name:
             add_arguments(sub)
         sub.set_defaults(func=func)
     return parser
@@ -200,6 +208,15 @@ def _command_of(words: Sequence[str]) -> str | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; its exit code. Ctrl-C ends any command with exit code 130."""
+    try:
+        return _run(argv)
+    except KeyboardInterrupt:
+        sys.stderr.write("kvstore: interrupted\n")
+        return INTERRUPTED_EXIT_CODE
+
+
+def _run(argv: Sequence[str] | None) -> int:
     words = list(sys.argv[1:] if argv is None else argv)
     passthrough: list[str] = []
     if "--" in words:
@@ -214,6 +231,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code: int = args.func(args)
     except KVStoreError as exc:
+        from rich.console import Console
+        from rich.markup import escape
+
         Console(stderr=True).print(f"[red]error:[/red] {type(exc).__name__}: {escape(str(exc))}")
         return 2
     return code

@@ -49,7 +49,12 @@ class TierConfig(BaseModel):
         first, encryption last.
     verify: check each chunk's payload digest on read (header, key, shape and
         length are always checked).
-    timeout_s: longest a call to this tier may take before it counts as a miss.
+    timeout_s: longest a call to this tier may take: one that overruns is
+        abandoned as a miss (or a failed write) and finishes in the background.
+    required: the store fails to open when this tier's driver cannot be reached.
+        By default a tier below the first that is unreachable at open starts
+        down (misses, no writes) and is retried in the background; the first
+        tier is always required.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -62,6 +67,7 @@ class TierConfig(BaseModel):
     codecs: str = "raw"
     verify: bool = True
     timeout_s: float = Field(default=30.0, gt=0)
+    required: bool = False
 
     @field_validator("eviction")
     @classmethod

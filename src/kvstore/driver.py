@@ -44,8 +44,9 @@ class Capabilities:
         store's own index of this tier is not the whole truth.
     max_value_bytes: the largest value ``put_many`` accepts (``None``: no limit
         short of capacity).
-    capacity_bytes: a hard limit on stored bytes; a put past it raises
-        ``CapacityError`` (``None``: bounded only by the backing service).
+    capacity_bytes: a hard limit on the bytes values occupy (their ``footprint``);
+        a put past it raises ``CapacityError`` (``None``: bounded only by the
+        backing service).
     details: driver-specific facts for people, e.g. how memory is pinned.
     """
 
@@ -159,6 +160,16 @@ class Driver(abc.ABC, Generic[ConfigT]):
     @property
     def closed(self) -> bool:
         return self._closed
+
+    def footprint(self, nbytes: int) -> int:
+        """Bytes a value of ``nbytes`` bytes occupies in this driver, pages, headers
+        and padding included: the unit of ``capacity_bytes`` and of the store's
+        capacity ledger. Never less than ``nbytes`` and never shrinking as
+        ``nbytes`` grows; exact, so values whose footprints add up to at most
+        ``capacity_bytes`` always fit. The default, ``nbytes``, suits drivers that
+        store a value as its bytes; drivers that round or add a header override it.
+        """
+        return nbytes
 
     async def put_many(self, items: Sequence[tuple[bytes, Buffer]]) -> None:
         """Store each value under its key, replacing what was there.

@@ -84,6 +84,12 @@ class IntegrityError(KVStoreError):
     """Stored bytes failed verification: corrupt, truncated or foreign."""
 
 
+class InternalError(KVStoreError):
+    """A bug: an exception outside this taxonomy escaped a driver call. The store
+    logs its traceback, counts it (``kvstore_internal_errors_total``) and serves
+    a miss; drivers never raise it."""
+
+
 class AuthenticationError(KVStoreError):
     """A control request carried no credentials where they are required (HTTP 401)."""
 
@@ -105,6 +111,7 @@ ALL_ERRORS: tuple[type[KVStoreError], ...] = (
     NotSupportedError,
     CapacityError,
     IntegrityError,
+    InternalError,
     AuthenticationError,
     PermissionDeniedError,
 )

@@ -3,7 +3,9 @@
 A driver whose blocking work runs on threads must not return to a cancelled
 caller while a thread still writes into the caller's buffers or half-publishes
 a value. ``InflightCalls.complete`` shields the work, waits for it on
-cancellation, and lets ``close`` wait for every call still running.
+cancellation, and lets ``close`` wait for every call still running. The store
+does not wait: it abandons a call at its tier's ``timeout_s`` and keeps the
+call's buffers out of reach until the call has ended (docs/driver-protocol.md).
 """
 
 from __future__ import annotations

@@ -203,6 +203,9 @@ class StoreMetrics:
             families["evictions"].add_metric(labels, counts.evictions)
             families["integrity"].add_metric(labels, counts.integrity_failures)
             families["dropped"].add_metric(labels, counts.dropped_writes)
+            families["dropped_writebacks"].add_metric(labels, counts.dropped_writebacks)
+            families["internal"].add_metric(labels, counts.internal_errors)
+            families["up"].add_metric(labels, int(tier.up))
             # dict() of a Counter copies it in one step under the GIL, so a
             # first error of a new kind on the store's thread cannot break the scrape.
             for error, count in sorted(dict(counts.errors).items()):
@@ -295,7 +298,20 @@ def _families() -> dict[str, _Family]:
         ),
         "dropped": CounterMetricFamily(
             "kvstore_dropped_writes",
-            "Chunk writes to a tier given up: no room left, or the write queue was full.",
+            "Chunk writes to a tier given up: no room left, the write queue was full, "
+            "or the tier is down.",
+            labels=tier,
+        ),
+        "dropped_writebacks": CounterMetricFamily(
+            "kvstore_dropped_writebacks",
+            "Write-back chunks a tier evicted that did not reach the tier below "
+            "(unreadable, corrupt, refused there).",
+            labels=tier,
+        ),
+        "internal": CounterMetricFamily(
+            "kvstore_internal_errors",
+            "Exceptions outside kvstore's error taxonomy (bugs) around a tier's calls; "
+            "each was logged and treated as a miss.",
             labels=tier,
         ),
         "errors": CounterMetricFamily(
@@ -313,8 +329,16 @@ def _families() -> dict[str, _Family]:
             "Tokens of the cached prefix that lookups found and retrieves loaded.",
             labels=operation,
         ),
+        "up": GaugeMetricFamily(
+            "kvstore_tier_up",
+            "1 while a tier's driver is open, 0 while it is down (retried in the background).",
+            labels=tier,
+        ),
         "used": GaugeMetricFamily(
-            "kvstore_tier_used_bytes", "Bytes of chunks a tier holds.", labels=tier, unit="bytes"
+            "kvstore_tier_used_bytes",
+            "Room the chunks a tier holds occupy (their footprints).",
+            labels=tier,
+            unit="bytes",
         ),
         "capacity": GaugeMetricFamily(
             "kvstore_tier_capacity_bytes",

@@ -38,7 +38,7 @@ class DriverInfo:
     target: ``"package.module:ClassName"`` of the Driver subclass, imported lazily.
     summary: one line for ``kvstore drivers``.
     install_hint: what to install when ``target`` fails to import
-        (``"kvstore[redis]"``); ``None`` when it needs nothing extra.
+        (``"kvstore-llm[redis]"``); ``None`` when it needs nothing extra.
     """
 
     scheme: str
@@ -100,6 +100,14 @@ class DriverRegistry:
             raise DriverLoadError(
                 f"driver scheme {name!r} is registered twice: by "
                 f"{self._drivers[name].source} and by {source}; uninstall one of them",
+                driver=name,
+            )
+        claimed = self._manager.get_name(plugin)
+        if claimed is not None:
+            raise DriverLoadError(
+                f"plugin {name!r} from {source} is the object that already registers scheme "
+                f"{claimed!r}: a plugin module or object describes one scheme; give each "
+                "scheme its own plugin object (docs/driver-author-guide.md, several schemes)",
                 driver=name,
             )
         try:

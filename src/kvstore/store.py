@@ -32,10 +32,12 @@ import torch
 from kvstore.buffers import BufferPool, byte_view
 from kvstore.chunk import decode_chunk, encode_chunk, raw_chunk_size, read_header
 from kvstore.codecs import Codec, KeyRing, codec_stack
-from kvstore.config import StoreConfig
+from kvstore.config import StoreConfig, TierConfig
 from kvstore.driver import Driver
 from kvstore.errors import (
+    CapacityError,
     ConfigError,
+    DriverTimeoutError,
     DriverUnavailableError,
     IntegrityError,
     InvalidArgumentError,
@@ -55,6 +57,7 @@ from kvstore.keys import (
 )
 from kvstore.layout import TOKEN_DIM, KVLayout
 from kvstore.metrics import StoreMetrics, timed
+from kvstore.offline import OfflineDriver
 from kvstore.registry import open_driver
 from kvstore.results import (
     CompressResult,
@@ -77,6 +80,11 @@ from kvstore.tier import Tier, check_codecs
 T = TypeVar("T")
 log = logging.getLogger("kvstore.store")
 
+
+RECONNECT_FIRST_S = 0.5
+RECONNECT_MAX_S = 30.0
+"""A tier down at open is retried after RECONNECT_FIRST_S, then at doubling intervals
+up to RECONNECT_MAX_S."""
 
 _PROBE_KEY = b"kvstore-health-probe"
 """The key ``health`` asks each tier about; nothing stores it."""
@@ -159,12 +167,14 @@ class _Encoded:
 
 class _Reads:
     """Where the values read for one batch live: pooled buffers and borrowed
-    views, released together once the batch is decoded."""
+    views, released together once the batch is decoded. ``failed``: the read
+    call failed, so its misses say nothing of what the tier holds."""
 
     def __init__(self, pool: BufferPool) -> None:
         self._pool = pool
         self.buffers: list[torch.Tensor] = []
         self.loans = contextlib.AsyncExitStack()
+        self.failed = False
 
     async def release(self) -> None:
         await self.loans.aclose()
@@ -238,6 +248,11 @@ class AsyncKVStore:
             asyncio.create_task(self._writer(tier, queue), name=f"kvstore-writer-{tier.name}")
             for tier, queue in zip(tiers, self._queues)
         ]
+        self._reconnects = [
+            asyncio.create_task(self._reconnect(tier), name=f"kvstore-reconnect-{tier.name}")
+            for tier in tiers
+            if tier.down is not None
+        ]
         self._closed = False
         self.metrics = StoreMetrics(
             config.name,
@@ -258,6 +273,10 @@ class AsyncKVStore:
     ) -> AsyncKVStore:
         """Open every tier's driver and load the indexes of persistent tiers.
 
+        A tier below the first whose driver cannot be reached (a retryable
+        error) and is not ``required`` starts down: it serves misses and takes
+        no writes while the store retries it in the background.
+
         ``drivers``, one per tier, are used instead of opening the tier URLs
         (for drivers built in code, such as fault-injection wrappers); the
         store closes them when it closes.
@@ -269,7 +288,9 @@ class AsyncKVStore:
         try:
             for position, tier_config in enumerate(config.tiers):
                 driver = (
-                    drivers[position] if drivers is not None else await open_driver(tier_config.url)
+                    drivers[position]
+                    if drivers is not None
+                    else await _open_tier_driver(position, tier_config)
                 )
                 try:
                     tier = Tier(position, tier_config, driver, keys=keys)
@@ -283,6 +304,31 @@ class AsyncKVStore:
             for tier in tiers:
                 await tier.driver.close()
             raise
+
+    async def _reconnect(self, tier: Tier) -> None:
+        """Open the driver of a tier that is down, retrying with exponential backoff,
+        and serve from it once it opens."""
+        delay = RECONNECT_FIRST_S
+        while tier.down is not None:
+            await asyncio.sleep(delay)
+            delay = min(2 * delay, RECONNECT_MAX_S)
+            try:
+                driver = await open_driver(tier.config.url)
+            except KVStoreError as exc:
+                tier.down = str(exc)
+                if not exc.retryable:
+                    log.error("tier %s stays down: %s", tier.name, exc)
+                    return
+                continue
+            try:
+                tier.attach(driver)
+                await tier.load_index()
+            except KVStoreError as exc:
+                tier.down = str(exc)
+                await driver.close()
+                log.error("tier %s stays down: %s", tier.name, exc)
+                return
+            log.warning("tier %s is up again", tier.name)
 
     def _bind(self, namespace: Namespace) -> None:
         """Point this store at ``namespace``: its layout, digest and storage-key prefix."""
@@ -389,9 +435,12 @@ class AsyncKVStore:
         return found
 
     async def _contains(self, tier: Tier, keys: list[bytes]) -> list[bool]:
+        if tier.down is not None:
+            tier.stats.misses += len(keys)
+            return [False] * len(keys)
         try:
             return await tier.call("contains_many", tier.driver.contains_many(keys))
-        except Exception:
+        except KVStoreError:
             return [False] * len(keys)
 
     async def _locate(self, keys: list[bytes]) -> list[int]:
@@ -526,37 +575,90 @@ class AsyncKVStore:
         )
         return await self._encode(chunk.key, kv, codecs)
 
-    async def _write(self, tier: Tier, chunks: list[_Encoded]) -> int:
-        """Put chunks into ``tier``, evicting to make room; the number written."""
+    async def _write(self, tier: Tier, chunks: list[_Encoded], *, retry_full: bool = True) -> int:
+        """Put chunks into ``tier``, evicting to make room; the number written.
+
+        Room is each chunk's footprint in the tier; a chunk over the driver's
+        ``max_value_bytes`` is dropped unsent. What a failed put stored
+        anyway is counted, so the index holds every chunk the tier holds. A
+        driver full below ``tier.limit`` (a disk or quota filled up) lowers the
+        limit (``Tier.note_full``), and the chunks it refused are tried once
+        more after evicting.
+        """
         if not chunks:
             return 0
+        largest = tier.driver.capabilities.max_value_bytes
         fitting: list[_Encoded] = []
         for chunk in chunks:
-            if await self._reserve(tier, len(chunk.view)):
+            too_large = largest is not None and len(chunk.view) > largest
+            if not too_large and await self._reserve(tier, tier.footprint(len(chunk.view))):
                 fitting.append(chunk)
             else:
                 tier.stats.dropped_writes += 1
         if not fitting:
             return 0
-        cost = sum(len(c.view) for c in fitting)
-        try:
-            await tier.call("put_many", tier.driver.put_many([(c.key, c.view) for c in fitting]))
-        except Exception:
-            return 0
-        finally:
-            tier.reserved -= cost
+        cost = sum(tier.footprint(len(c.view)) for c in fitting)
+        sizes = [(c.key, len(c.view)) for c in fitting]
         for chunk in fitting:
-            tier.record(chunk.key, len(chunk.view))
-        tier.stats.chunks_written += len(fitting)
-        tier.stats.bytes_written += cost
+            chunk.retain()
+
+        def settled(succeeded: bool, late: bool) -> None:
+            """The driver is done with the chunks: count what it stored, even after a
+            timeout (the bytes are in the tier), and let the chunks' buffers go."""
+            tier.reserved -= cost
+            if succeeded:
+                self._record_written(tier, sizes)
+            elif late:
+                # A put that failed after its caller left may have stored some chunks:
+                # ask the tier, so that the index holds what the tier holds.
+                check = asyncio.ensure_future(self._record_landed(tier, sizes))
+                tier.abandoned.add(check)
+                check.add_done_callback(tier.abandoned.discard)
+            for chunk in fitting:
+                chunk.release()
+
+        try:
+            await tier.call(
+                "put_many",
+                tier.driver.put_many([(c.key, c.view) for c in fitting]),
+                settled=settled,
+            )
+        except DriverTimeoutError:
+            return 0
+        except KVStoreError as exc:
+            landed = await self._record_landed(tier, sizes)
+            if isinstance(exc, CapacityError) and retry_full:
+                tier.note_full()
+                refused = [chunk for chunk in fitting if chunk.key not in landed]
+                return len(landed) + await self._write(tier, refused, retry_full=False)
+            return len(landed)
         return len(fitting)
 
+    def _record_written(self, tier: Tier, sizes: list[tuple[bytes, int]]) -> None:
+        """Index chunks (key, encoded size) that ``tier`` now holds, by footprint."""
+        for key, size in sizes:
+            tier.record(key, tier.footprint(size))
+        tier.stats.chunks_written += len(sizes)
+        tier.stats.bytes_written += sum(size for _, size in sizes)
+
+    async def _record_landed(self, tier: Tier, sizes: list[tuple[bytes, int]]) -> set[bytes]:
+        """Index the chunks of a failed put that ``tier`` holds all the same; their keys."""
+        try:
+            held = await tier.call(
+                "contains_many", tier.driver.contains_many([key for key, _ in sizes])
+            )
+        except KVStoreError:
+            return set()
+        landed = [item for item, there in zip(sizes, held) if there]
+        self._record_written(tier, landed)
+        return {key for key, _ in landed}
+
     async def _reserve(self, tier: Tier, size: int) -> bool:
-        """Make room for ``size`` more bytes in ``tier`` and reserve them. It evicts
-        again if a read borrowed a victim before the driver deleted it: that
-        victim keeps its room until the loan ends."""
+        """Make room for ``size`` more bytes (a footprint) in ``tier`` and reserve
+        them. It evicts again if a read borrowed a victim before the driver
+        deleted it: that victim keeps its room until the loan ends."""
         async with tier.room_lock:
-            while (need := tier.occupied_bytes + size - tier.capacity) > 0:
+            while (need := tier.occupied_bytes + size - tier.limit) > 0:
                 victims = tier.victims(need, self._is_pinned)
                 if victims is None:
                     return False
@@ -568,34 +670,54 @@ class AsyncKVStore:
         """Remove ``keys`` from ``tier``; write-back tiers first hand them down."""
         below = self.tiers[tier.position + 1] if tier.position + 1 < len(self.tiers) else None
         if below is not None and tier.config.write_policy == "write-back":
-            await self._hand_down(tier, below, [k for k in keys if k not in below.index])
+            await self._hand_down(tier, below, await self._absent(below, keys))
         tier.stats.evictions += len(keys)
         try:
             await tier.delete(keys)
-        except Exception:
+        except KVStoreError:
             log.warning("tier %s: evicted chunks could not be deleted", tier.name)
 
     async def _hand_down(self, tier: Tier, below: Tier, keys: list[bytes]) -> None:
+        """Copy write-back chunks ``tier`` is evicting into ``below``; those that do
+        not land there (unreadable, corrupt, refused) are counted in
+        ``tier.stats.dropped_writebacks``."""
         if not keys:
             return
         try:
             values = await tier.call("get_many", tier.driver.get_many(keys))
-        except Exception:
-            return
+        except KVStoreError:
+            values = [None] * len(keys)
         chunks = [
             _Encoded(key, memoryview(value), tier.codecs, None, self._pool)
             for key, value in zip(keys, values)
             if value is not None
         ]
-        recoded = [await self._recode(chunk, below.codecs) for chunk in chunks]
-        await self._write(below, recoded)
+        recoded: list[_Encoded] = []
+        for chunk in chunks:
+            try:
+                recoded.append(await self._recode(chunk, below.codecs))
+            except IntegrityError as exc:
+                tier.stats.integrity_failures += 1
+                tier.note_error("write-back", exc)
+        landed = await self._write(below, recoded)
+        tier.stats.dropped_writebacks += len(keys) - landed
         for chunk in (*chunks, *recoded):
             chunk.release()
+
+    async def _absent(self, tier: Tier, keys: list[bytes]) -> list[bytes]:
+        """The ``keys`` ``tier`` does not hold: not in its index and, for a shared
+        tier (whose index after open knows only this store's writes), not there
+        when asked, so nothing another process or run wrote is written again."""
+        absent = [key for key in keys if key not in tier.index]
+        if not tier.shared or not absent or tier.down is not None:
+            return absent
+        held = await self._contains(tier, absent)
+        return [key for key, there in zip(absent, held) if not there]
 
     async def _enqueue(self, tier: Tier, chunk: _Encoded) -> None:
         cost = len(chunk.view)
         wait = self.config.on_queue_full == "block"
-        if await self._budget.acquire(cost, wait=wait):
+        if tier.down is None and await self._budget.acquire(cost, wait=wait):
             self._queues[tier.position].put_nowait(_Job(chunk, cost))
         else:
             tier.stats.dropped_writes += 1
@@ -610,13 +732,16 @@ class AsyncKVStore:
                 jobs.append(queue.get_nowait())
                 size += jobs[-1].cost
             try:
-                wanted = [job.chunk for job in jobs if job.chunk.key not in tier.index]
+                absent = set(await self._absent(tier, [job.chunk.key for job in jobs]))
+                wanted = [job.chunk for job in jobs if job.chunk.key in absent]
                 recoded = [await self._recode(chunk, tier.codecs) for chunk in wanted]
                 await self._write(tier, recoded)
                 for chunk in recoded:
                     chunk.release()
-            except Exception as exc:
+            except KVStoreError as exc:
                 tier.note_error("background write", exc)
+            except Exception as exc:
+                tier.note_bug("background write", exc)
             finally:
                 for job in jobs:
                     job.chunk.release()
@@ -686,7 +811,9 @@ class AsyncKVStore:
                 tier = self.tiers[position]
                 results = await asyncio.gather(
                     *(
-                        self._decode_into(tier, keys[i], value, outs[i])
+                        self._decode_into(
+                            tier, keys[i], value, outs[i], failed=reads[batch_no].failed
+                        )
                         for i, value in zip(indices, values)
                     )
                 )
@@ -762,34 +889,58 @@ class AsyncKVStore:
             except DriverUnavailableError as exc:
                 tier.note_error("borrow_many", exc)
                 return values
-            except Exception as exc:
+            except KVStoreError as exc:
                 tier.note_error("borrow_many", exc)
+            except Exception as exc:
+                tier.note_bug("borrow_many", exc)
+                return values
             finally:
                 tier.timings.observe("borrow_many", time.perf_counter() - start)
         missing = [i for i, value in enumerate(values) if value is None]
         if not missing:
             return values
         buffers = [self._pool.acquire(self._chunk_size) for _ in missing]
-        reads.buffers.extend(buffers)
         wanted = [keys[i] for i in missing]
+
+        def settled(_succeeded: bool, late: bool) -> None:
+            """The driver is done with the buffers: the batch's reads own them, or,
+            after an abandoned call, nobody does any more."""
+            if late:
+                for buffer in buffers:
+                    self._pool.release(buffer)
+            else:
+                reads.buffers.extend(buffers)
+
         try:
-            with tier.reading(wanted):
-                found = await tier.call(
-                    "get_many", tier.driver.get_many(wanted, into=[byte_view(b) for b in buffers])
-                )
-        except Exception:
+            found = await tier.call(
+                "get_many",
+                tier.driver.get_many(wanted, into=[byte_view(b) for b in buffers]),
+                reading=wanted,
+                settled=settled,
+            )
+        except KVStoreError:
+            reads.failed = True
             return values
         for i, value in zip(missing, found):
             values[i] = value
         return values
 
     async def _decode_into(
-        self, tier: Tier, key: bytes, value: memoryview | None, out: torch.Tensor
+        self,
+        tier: Tier,
+        key: bytes,
+        value: memoryview | None,
+        out: torch.Tensor,
+        *,
+        failed: bool = False,
     ) -> bool:
-        """Verify and copy one chunk into ``out``; drop a bad copy from its tier."""
+        """Verify and copy one chunk into ``out``; drop a bad copy from its tier. A
+        miss drops the chunk from the tier's index unless the read ``failed`` (timed
+        out, tier unreachable): then the chunk is most likely still there."""
         if value is None:
             tier.stats.misses += 1
-            tier.forget(key)
+            if not failed:
+                tier.forget(key)
             return False
         try:
             await self._run(
@@ -808,7 +959,7 @@ class AsyncKVStore:
             tier.note_error("decode", exc)
             try:
                 await tier.delete([key])
-            except Exception:
+            except KVStoreError:
                 log.warning("tier %s: a corrupt chunk could not be deleted", tier.name)
             return False
 
@@ -915,7 +1066,7 @@ class AsyncKVStore:
                 continue
             try:
                 existed = await tier.delete(held)
-            except Exception:
+            except KVStoreError:
                 continue
             dropped.update(key for key, was in zip(held, existed) if was)
         return len(dropped)
@@ -979,7 +1130,7 @@ class AsyncKVStore:
         """Values of ``keys`` in ``tier``; a failed call reads as misses (and is counted)."""
         try:
             return await tier.call("get_many", tier.driver.get_many(keys))
-        except Exception:
+        except KVStoreError:
             return [None] * len(keys)
 
     async def _drop(self, tier: Tier, keys: list[bytes]) -> None:
@@ -1144,7 +1295,7 @@ class AsyncKVStore:
                     tally.count("bytes_before", old_size)
                     tally.count("bytes_after", len(chunk.view))
                 else:
-                    target.index.add(chunk.key, old_size)
+                    target.index.add(chunk.key, target.footprint(old_size))
                     tally.count("failed")
             tally.count("corrupt", len(bad))
             await self._drop(target, bad)
@@ -1185,8 +1336,10 @@ class AsyncKVStore:
             await asyncio.wait_for(tier.driver.contains_many([_PROBE_KEY]), limit)
         except asyncio.TimeoutError:
             error = f"no answer within {limit} s"
-        except Exception as exc:
+        except KVStoreError as exc:
             error = f"{type(exc).__name__}: {exc}"
+        except Exception as exc:
+            error = str(tier.note_bug("health probe", exc))
         latency = time.perf_counter() - start
         stats = tier.stats
         errors = sum(stats.errors.values())
@@ -1248,11 +1401,15 @@ class AsyncKVStore:
         if self._sweeper is not None:
             self._sweeper.cancel()
             await asyncio.gather(self._sweeper, return_exceptions=True)
+        for reconnect in self._reconnects:
+            reconnect.cancel()
+        await asyncio.gather(*self._reconnects, return_exceptions=True)
         self.metrics.close()
         for writer in self._writers:
             writer.cancel()
         await asyncio.gather(*self._writers, return_exceptions=True)
         for tier in self.tiers:
+            await tier.cancel_abandoned()
             await tier.driver.close()
         self._executor.shutdown(wait=True)
 
@@ -1269,6 +1426,23 @@ class AsyncKVStore:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
+
+
+async def _open_tier_driver(position: int, config: TierConfig) -> Driver[Any]:
+    """The driver of a tier; for a tier below the first that is not ``required``, an
+    ``OfflineDriver`` in place of one that cannot be reached now."""
+    try:
+        return await open_driver(config.url)
+    except KVStoreError as exc:
+        if position == 0 or config.required or not exc.retryable:
+            raise
+        log.warning(
+            "tier %d (%s) is down at open: %s; it serves misses and is retried in the background",
+            position,
+            exc.driver,
+            exc,
+        )
+        return OfflineDriver.standing_in(config.url, config.capacity, str(exc))
 
 
 class _PrefixEnds(Exception):

@@ -50,7 +50,7 @@ def _aesgcm_class() -> type[AESGCM]:
         from cryptography.hazmat.primitives.ciphers.aead import AESGCM
     except ImportError:
         raise ConfigError(
-            "the aesgcm codec needs the cryptography package: pip install 'kvstore[encryption]'"
+            "the aesgcm codec needs the cryptography package: pip install 'kvstore-llm[encryption]'"
         ) from None
     return AESGCM
 

@@ -5,13 +5,14 @@ SGLang loads it as a dynamic storage backend::
     --hicache-storage-backend dynamic
     --hicache-storage-backend-extra-config '{"backend_name": "kvstore",
         "module_path": "kvstore.connectors.sglang", "class_name": "KVStoreHiCacheStorage",
-        "interface_v1": 1, "kvstore_config": "/etc/kvstore.yaml"}'
+        "interface_v1": 1, "config": "/etc/kvstore.yaml"}'
 
 SGLang names each page of KV by a hash string that chains the page's tokens
 to every page before it. Each page becomes one kvstore chunk (one chunk is one
 page, so the store's ``chunk_tokens`` is SGLang's page size) under the key
 ``store.named_keys([page hash + shard])``: blake3 of the name under the
-store's namespace, which binds the model, its revision, the KV layout, the
+store's namespace, which binds the model, its weights (a fingerprint of the
+checkpoint unless a ``model_revision`` is given), the KV layout, the
 tensor-parallel rank of MHA models (MLA KV is the same on every rank, so MLA
 ranks share pages) and the tenant; the shard names the pipeline and context
 parallel ranks. Chunks hold the page in kvstore's layout
@@ -27,10 +28,10 @@ import it only inside an SGLang process; ``kvstore.connectors`` itself does not.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from sglang.srt.mem_cache.hicache_storage import (
@@ -40,14 +41,12 @@ from sglang.srt.mem_cache.hicache_storage import (
 )
 
 from kvstore.config import StoreConfig
-from kvstore.control import maybe_start_control_server
+from kvstore.connectors.config import store_config, store_namespace, text_option
+from kvstore.connectors.stores import shared_stores
+from kvstore.connectors.weights import weights_revision
 from kvstore.errors import ConfigError, InvalidArgumentError, NotSupportedError
-from kvstore.keys import Namespace
 from kvstore.layout import DTYPE_NAMES, KVLayout
 from kvstore.store import KVStore
-
-if TYPE_CHECKING:
-    from kvstore.control import ControlServer
 
 ChunkView = Callable[[torch.Tensor], torch.Tensor]
 _NOT_REGISTERED = "the SGLang host pool is not registered yet (register_mem_pool_host)"
@@ -138,19 +137,43 @@ class HostPages:
         return starts
 
 
-def store_config(option: Any) -> StoreConfig:
-    """The store config the ``kvstore_config`` option names: a YAML file path, a
-    tier URL, or a list of tier URLs (fastest first)."""
-    if isinstance(option, str) and "://" not in option:
-        return StoreConfig.from_yaml(Path(option).expanduser())
-    if isinstance(option, str):
-        return StoreConfig.from_urls(option)
-    if isinstance(option, list) and option and all(isinstance(url, str) for url in option):
-        return StoreConfig.from_urls(*option)
-    raise ConfigError(
-        "kvstore_config must be a kvstore YAML path, a tier URL or a list of tier URLs, "
-        f"got {option!r}"
-    )
+def _config_option(extra: Mapping[str, Any]) -> Any:
+    """The ``config`` option, or its deprecated spelling ``kvstore_config``."""
+    if "kvstore_config" in extra:
+        if "config" in extra:
+            raise ConfigError("give config, not both config and its old name kvstore_config")
+        warnings.warn(
+            "the SGLang backend's kvstore_config option is now called config; "
+            "kvstore_config will be removed in the next release",
+            DeprecationWarning,
+            stacklevel=3,
+        )
+        return extra["kvstore_config"]
+    if "config" not in extra:
+        raise ConfigError(
+            "--hicache-storage-backend-extra-config needs config: a kvstore YAML path, "
+            "a tier URL or a list of tiers"
+        )
+    return extra["config"]
+
+
+def _checkpoint_revision(model_path: str) -> str:
+    """The fingerprint of the weights at ``model_path``; refuses to start without one."""
+    try:
+        return weights_revision(model_path)
+    except ConfigError as exc:
+        raise ConfigError(
+            f"{exc}. kvstore binds the weights into every cache key so that a changed "
+            "checkpoint never loads KV computed with the old one: give model_revision (a "
+            "revision or digest of the weights) or model_path (the checkpoint directory) "
+            "in --hicache-storage-backend-extra-config"
+        ) from None
+
+
+def _first_rank(config: HiCacheStorageConfig) -> bool:
+    """Whether this is the first of the engine's ranks, the one that serves the
+    control API (every rank would listen on the same port)."""
+    return (config.tp_rank, config.pp_rank, config.attn_cp_rank, config.dp_rank) == (0, 0, 0, 0)
 
 
 def paged(config: StoreConfig, page_size: int) -> StoreConfig:
@@ -182,9 +205,20 @@ class KVStoreHiCacheStorage(HiCacheStorage):
     pool fixes the KV layout and page size). Options, from
     ``storage_config.extra_config``:
 
-    kvstore_config: a kvstore YAML path, a tier URL, or a list of tier URLs.
-    model_revision: a fingerprint of the weights (revision or digest), bound
-        into every key so a changed checkpoint never loads old KV (default "").
+    config: the store config, in any form the connectors accept (a kvstore
+        YAML path, a tier URL, a list of tier URLs and/or tier mappings, or a
+        store config mapping; docs/configuration.md). ``kvstore_config`` is
+        its deprecated spelling.
+    model_name: the model name bound into every key (default: SGLang's model
+        name, ``--served-model-name`` or else ``--model-path``).
+    model_revision: a fingerprint of the weights (revision or digest) bound
+        into every key, so a changed checkpoint never loads old KV. Default:
+        ``weights_revision(model_path)``, a digest of the local checkpoint's
+        weight files or the commit of its Hugging Face snapshot; when the
+        weights cannot be found the backend refuses to start.
+    model_path: where the weights are, for that fingerprint (default:
+        SGLang's model name, which is ``--model-path`` unless a served
+        model name is set).
     interface_v1: SGLang's own switch; with 1 SGLang calls the zero-copy
         ``batch_get_v1``/``batch_set_v1``, which move pages straight between
         the host pool and the store.
@@ -198,28 +232,22 @@ class KVStoreHiCacheStorage(HiCacheStorage):
     ) -> None:
         """``kwargs`` are the factory's extra keyword arguments (none for dynamic backends)."""
         extra = dict(storage_config.extra_config or {})
-        if "kvstore_config" not in extra:
-            raise ConfigError(
-                "--hicache-storage-backend-extra-config needs kvstore_config: a kvstore YAML "
-                "path, a tier URL or a list of tier URLs"
-            )
-        if not storage_config.model_name:
-            raise ConfigError("SGLang passed no model name to bind the cache keys to")
         if storage_config.should_split_heads or storage_config.dcp_size > 1:
             raise NotSupportedError(
                 "kvstore's SGLang backend does not support heterogeneous TP head splitting "
                 "(tp_lcm_size) or decode context parallelism"
             )
-        revision = extra.get("model_revision", "")
-        if not isinstance(revision, str):
-            raise ConfigError(f"model_revision must be a string, got {revision!r}")
-        self.config = store_config(extra["kvstore_config"])
+        self.config = store_config(_config_option(extra), option="config")
+        self.model_name = text_option(extra, "model_name") or storage_config.model_name or ""
+        if not self.model_name:
+            raise ConfigError("SGLang passed no model name to bind the cache keys to")
+        self.revision = text_option(extra, "model_revision") or _checkpoint_revision(
+            text_option(extra, "model_path") or storage_config.model_name or ""
+        )
         self.storage_config = storage_config
-        self.revision = revision
         self.suffix = shard_suffix(storage_config)
         self.pages: HostPages | None = None
         self._store: KVStore | None = None
-        self._control: ControlServer | None = None
 
     # ------------------------------------------------------------ set-up
 
@@ -229,18 +257,16 @@ class KVStoreHiCacheStorage(HiCacheStorage):
         config = self.storage_config
         pages = HostPages.of(mem_pool_host, mla=config.is_mla_model)
         store_cfg = paged(self.config, pages.page_size)
-        namespace = Namespace(
-            model=config.model_name,
+        namespace = store_namespace(
+            store_cfg,
+            model=self.model_name,
             revision=self.revision,
             layout=pages.kv_layout,
-            chunk_tokens=pages.page_size,
             tp_rank=0 if config.is_mla_model else config.tp_rank,
             tp_size=1 if config.is_mla_model else config.tp_size,
-            tenant=store_cfg.tenant,
         )
         self.close()
-        self._store = KVStore.open(store_cfg, namespace)
-        self._control = maybe_start_control_server(self._store)
+        self._store = shared_stores.acquire(store_cfg, namespace, control=_first_rank(config))
         self.pages = pages
 
     @property
@@ -357,14 +383,12 @@ class KVStoreHiCacheStorage(HiCacheStorage):
         self.store.clear(scope="namespace")
 
     def close(self) -> None:
-        """Stop the control server, finish background writes and close the store
-        (SGLang calls this on detach)."""
-        if self._control is not None:
-            control, self._control = self._control, None
-            control.close()
+        """Release the store: the last user in the process stops its control
+        server, finishes background writes and closes it (SGLang calls this on
+        detach)."""
         if self._store is not None:
             store, self._store = self._store, None
-            store.close()
+            shared_stores.release(store)
 
     # ------------------------------------------------------------ helpers
 
@@ -377,4 +401,4 @@ class KVStoreHiCacheStorage(HiCacheStorage):
         return self.store.store_chunks(self.keys(keys), chunks).failed == 0
 
 
-__all__ = ["HostPages", "KVStoreHiCacheStorage", "paged", "shard_suffix", "store_config"]
+__all__ = ["HostPages", "KVStoreHiCacheStorage", "paged", "shard_suffix"]

@@ -23,7 +23,7 @@ import inspect
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import blake3
 import torch
@@ -32,15 +32,12 @@ from transformers import AttentionInterface, DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from kvstore.config import StoreConfig
-from kvstore.control import maybe_start_control_server
+from kvstore.connectors.config import ConfigSource, store_config
+from kvstore.connectors.stores import shared_stores
 from kvstore.errors import InvalidArgumentError, NotSupportedError
 from kvstore.keys import Namespace
 from kvstore.layout import DTYPE_NAMES, KVLayout
-from kvstore.store import KVStore, StoreResult, open_store
-
-if TYPE_CHECKING:
-    from kvstore.control import ControlServer
+from kvstore.store import KVStore, StoreResult
 
 __all__ = [
     "Generation",
@@ -282,7 +279,6 @@ class TransformersConnector:
         self.chunk_tokens = namespace.chunk_tokens
         self.min_recompute = min_recompute
         self._owns_store = owns_store
-        self._control: ControlServer | None = None
         parameters = inspect.signature(model.forward).parameters
         self.cache_argument = "cache" if "cache" in parameters else "past_key_values"
         self._keep_last = "logits_to_keep" in parameters
@@ -292,24 +288,19 @@ class TransformersConnector:
     def open(
         cls,
         model: PreTrainedModel,
-        config: StoreConfig | str | Sequence[str],
+        config: ConfigSource,
         *,
         revision: str | None = None,
         name: str | None = None,
         min_recompute: int = DEFAULT_MIN_RECOMPUTE,
     ) -> TransformersConnector:
-        """Open a store for ``model`` from a config, a YAML path or tier URLs.
+        """Open a store for ``model`` from any config form the connectors accept
+        (a ``StoreConfig``, a YAML path, a tier URL, a list of tiers;
+        ``kvstore.connectors.config``).
 
         The namespace takes chunk size, tenant and lossy codec from the config.
         """
-        if isinstance(config, str):
-            config = (
-                StoreConfig.from_yaml(config)
-                if "://" not in config
-                else StoreConfig.from_urls(config)
-            )
-        elif not isinstance(config, StoreConfig):
-            config = StoreConfig.from_urls(*config)
+        config = store_config(config)
         namespace = model_namespace(
             model,
             revision=revision,
@@ -318,14 +309,12 @@ class TransformersConnector:
             codec=config.lossy_codec,
             tenant=config.tenant,
         )
-        store = open_store(config, namespace)
+        store = shared_stores.acquire(config, namespace, control=True)
         try:
-            connector = cls(model, store, min_recompute=min_recompute, owns_store=True)
-            connector._control = maybe_start_control_server(store)
+            return cls(model, store, min_recompute=min_recompute, owns_store=True)
         except BaseException:
-            store.close()
+            shared_stores.release(store)
             raise
-        return connector
 
     def _check_cache_layers(self) -> None:
         cache = DynamicCache(config=self.model.config)
@@ -506,12 +495,11 @@ class TransformersConnector:
     # ------------------------------------------------------------------ close
 
     def close(self) -> None:
-        """Stop the control server and close the store, if ``open`` started them."""
-        if self._control is not None:
-            control, self._control = self._control, None
-            control.close()
+        """Release the store if the connector owns it (``open`` or ``owns_store``):
+        a store ``open`` shares is closed, with its control server, by its last user."""
         if self._owns_store:
-            self.store.close()
+            self._owns_store = False
+            shared_stores.release(self.store)
 
     def __enter__(self) -> TransformersConnector:
         return self

@@ -50,7 +50,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.platforms import current_platform
 
-from kvstore.config import StoreConfig
+from kvstore.connectors.config import store_namespace
+from kvstore.connectors.stores import shared_stores
 from kvstore.connectors.vllm_lookup import (
     LookupClient,
     LookupServer,
@@ -58,11 +59,10 @@ from kvstore.connectors.vllm_lookup import (
     register_local,
     unregister_local,
 )
-from kvstore.connectors.vllm_options import ConnectorOptions, weights_revision
+from kvstore.connectors.vllm_options import ConnectorOptions
 from kvstore.connectors.vllm_paged import Backend, block_slots, layer_cache, layer_order
-from kvstore.control import maybe_start_control_server
+from kvstore.connectors.weights import weights_revision
 from kvstore.errors import NotSupportedError
-from kvstore.keys import Namespace
 from kvstore.layout import DTYPE_NAMES, KVLayout
 from kvstore.store import KVStore
 from kvstore.sync import shared_loop
@@ -77,8 +77,6 @@ if TYPE_CHECKING:
     from vllm.v1.kv_cache_interface import KVCacheConfig
     from vllm.v1.outputs import KVConnectorOutput
     from vllm.v1.request import Request
-
-    from kvstore.control import ControlServer
 
 log = logging.getLogger("kvstore.connectors.vllm")
 
@@ -138,42 +136,6 @@ class KVStoreWorkerMetadata(KVConnectorWorkerMetadata):
                 mine = self.loads.get(req_id, (asked, loaded))
                 self.loads[req_id] = (asked, min(mine[1], loaded))
         return self
-
-
-# ------------------------------------------------------------ shared stores
-
-
-class _Stores:
-    """One open store per (config, namespace) in a process, shared and reference counted."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._open: dict[tuple[str, bytes], tuple[KVStore, int]] = {}
-
-    def acquire(self, config: StoreConfig, namespace: Namespace) -> KVStore:
-        key = (config.model_dump_json(), namespace.digest())
-        with self._lock:
-            store, users = self._open.get(key, (None, 0))
-            if store is None:
-                store = KVStore.open(config, namespace)
-            self._open[key] = (store, users + 1)
-            return store
-
-    def release(self, store: KVStore) -> None:
-        with self._lock:
-            for key, (held, users) in list(self._open.items()):
-                if held is store:
-                    if users > 1:
-                        self._open[key] = (held, users - 1)
-                        return
-                    del self._open[key]
-                    break
-            else:
-                return
-        store.close()
-
-
-_stores = _Stores()
 
 
 # ---------------------------------------------------------------- scheduler
@@ -600,7 +562,6 @@ class _WorkerSide:
         self._layout: KVLayout | None = None
         self._save_slots: dict[str, torch.Tensor] = {}
         self._server: LookupServer | None = None
-        self._control: ControlServer | None = None
         self._job: _LoadJob | None = None
         self._pending: dict[str, _Pending] = {}
         self._inflight = _InflightSaves()
@@ -660,21 +621,19 @@ class _WorkerSide:
         model = self._config.model_config
         parallel = self._config.parallel_config
         rank = get_tensor_model_parallel_rank()
-        namespace = Namespace(
+        namespace = store_namespace(
+            options.store,
             model=options.model_name or model.model,
             revision=options.model_revision or weights_revision(model.model, model.revision),
             layout=self.layout,
-            chunk_tokens=options.store.chunk_tokens,
             tp_rank=rank,
             tp_size=parallel.tensor_parallel_size,
-            tenant=options.store.tenant,
         )
-        self._store = _stores.acquire(options.store, namespace)
+        self._store = shared_stores.acquire(options.store, namespace, control=rank == 0)
         if rank == 0:
             address = self._connector._address
             register_local(address, self._lookup)
             self._server = LookupServer(address, self._connector._authkey, self._lookup)
-            self._control = maybe_start_control_server(self._store)
         log.info(
             "kvstore connector: %d layers (%s backend), %s, chunks of %d tokens, tiers %s",
             len(self.caches),
@@ -820,16 +779,13 @@ class _WorkerSide:
     def close(self) -> None:
         self._finish_load()
         self._inflight.drain(0)
-        if self._control is not None:
-            control, self._control = self._control, None
-            control.close()
         if self._server is not None:
             unregister_local(self._server.address)
             self._server.close()
             self._server = None
         if self._store is not None:
             store, self._store = self._store, None
-            _stores.release(store)
+            shared_stores.release(store)
 
 
 def _log_save(req_id: str, future: Future[Any]) -> None:

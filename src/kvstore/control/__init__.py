@@ -68,7 +68,7 @@ def http_module(name: str) -> Any:
         return importlib.import_module(name)
     except ImportError as exc:
         raise ConfigError(
-            f"the control API needs the control extra (pip install 'kvstore[control]'): {exc}"
+            f"the control API needs the control extra (pip install 'kvstore-llm[control]'): {exc}"
         ) from None
 
 

@@ -161,7 +161,7 @@ class ControlService:
                 from transformers import AutoTokenizer
             except ImportError:
                 raise NotSupportedError(
-                    "lookups by text need transformers (pip install 'kvstore[hf]')"
+                    "lookups by text need transformers (pip install 'kvstore-llm[hf]')"
                 ) from None
             try:
                 self._tokenizers[model] = await asyncio.to_thread(

@@ -13,7 +13,13 @@ from __future__ import annotations
 
 import argparse
 
-from kvstore.demo.presets import DEFAULT_CONTEXT, DEFAULT_PRESET, DEFAULT_REQUESTS, PRESET_NAMES
+from kvstore.demo.presets import (
+    DEFAULT_CONTEXT,
+    DEFAULT_PRESET,
+    DEFAULT_REQUESTS,
+    PRESET_NAMES,
+    check_workload_size,
+)
 from kvstore.errors import NotSupportedError
 
 
@@ -75,7 +81,12 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    """Run ``kvstore demo``; 0 when both runs generated the same tokens, else 1."""
+    """Run ``kvstore demo``; 0 when both runs generated the same tokens, else 1.
+
+    Arguments are checked before torch and transformers are imported, so a bad
+    one is refused at once.
+    """
+    check_workload_size(context=args.context, requests=args.requests, new_tokens=args.new_tokens)
     try:
         from kvstore.demo.runner import run
     except ImportError as exc:

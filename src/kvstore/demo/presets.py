@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from kvstore.errors import InvalidArgumentError
+
 
 @dataclass(frozen=True)
 class ModelPreset:
@@ -29,3 +31,14 @@ PRESET_NAMES = tuple(PRESETS)
 DEFAULT_PRESET = "small"
 DEFAULT_CONTEXT = 4096
 DEFAULT_REQUESTS = 12
+
+
+def check_workload_size(*, context: int, requests: int, new_tokens: int) -> None:
+    """Raise InvalidArgumentError unless a workload of these sizes can be built:
+    ``requests >= 1``, ``context >= 512`` and ``1 <= new_tokens <= context / 8``."""
+    if requests < 1:
+        raise InvalidArgumentError(f"requests must be >= 1, got {requests}")
+    if context < 512 or new_tokens < 1 or new_tokens > context // 8:
+        raise InvalidArgumentError(
+            f"need context >= 512 and 1 <= new_tokens <= context / 8, got {context}, {new_tokens}"
+        )

@@ -76,9 +76,9 @@ def store_config(args: argparse.Namespace, layout: KVLayout) -> StoreConfig:
 
     The default cpu tier holds four contexts' chunks, about what the default
     mix keeps live: as chat sessions grow it evicts, and some hits come from
-    the nvme tier below it. Its arena has whole pages for every chunk the
-    store's byte budget admits, and is page-locked only for a CUDA model
-    (pinning speeds up copies to a GPU and nothing else).
+    the nvme tier below it. Its arena has the whole pages of that many chunks
+    (the store counts each chunk's pages), and is page-locked only for a CUDA
+    model (pinning speeds up copies to a GPU and nothing else).
     """
     if args.config and args.tier:
         raise InvalidArgumentError("give --config or --tier, not both")
@@ -100,10 +100,7 @@ def store_config(args: argparse.Namespace, layout: KVLayout) -> StoreConfig:
     pages = -(-(chunk_bytes + _HEADER_ROOM) // _CPU_PAGE)
     pin = "auto" if str(args.device).startswith("cuda") else "none"
     return StoreConfig.from_urls(
-        {
-            "url": f"cpu://?capacity={format_size(chunks * pages * _CPU_PAGE)}&pin={pin}",
-            "capacity": chunks * chunk_bytes,
-        },
+        f"cpu://?capacity={format_size(chunks * pages * _CPU_PAGE)}&pin={pin}",
         f"nvme://{directory.resolve()}?capacity={_mib_ceil(room)}",
         chunk_tokens=DEMO_CHUNK_TOKENS,
     )
@@ -124,6 +121,8 @@ def run(args: argparse.Namespace) -> int:
         new_tokens=args.new_tokens,
         seed=args.seed,
     )
+    if not console.is_terminal:
+        console.print("building the model")
     with console.status("building the model"):
         model = build_model(
             preset, max_positions=args.context, dtype=dtype, device=args.device, seed=args.seed
@@ -134,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         model.set_attn_implementation(args.attention)
     console.print(
-        f"model: Llama, {args.model_size} ({parameter_count(model) / 1e6:.0f}M parameters, "
+        f"model: Llama, {args.model_size} ({_millions(parameter_count(model))} parameters, "
         f"{preset.num_layers} layers, {preset.num_kv_heads} KV heads), {args.dtype}, "
         f"{args.attention} attention, on {args.device}, {torch.get_num_threads()} threads"
     )
@@ -232,7 +231,34 @@ def _serve(
                 )
             )
             progress.advance(task)
+            if not console.is_terminal:
+                console.print(_progress_line(results[-1], len(workload.requests)), soft_wrap=True)
     return results
+
+
+def _progress_line(result: RequestResult, total: int) -> str:
+    """One request's outcome, for output that is not a terminal (no live bar there)."""
+    return (
+        f"request {result.index + 1}/{total}: {result.kind} ({result.stream}, "
+        f"{result.prompt_tokens:,} tokens, {result.cached_tokens:,} from the cache): "
+        f"first token in {result.ttft_with_s * 1000:,.0f} ms with the cache, "
+        f"{result.ttft_without_s * 1000:,.0f} ms without"
+    )
+
+
+def _millions(count: int) -> str:
+    """A parameter count in millions, with a decimal below ten (0.3M, 4.2M, 32M)."""
+    millions = count / 1e6
+    return f"{millions:.1f}M" if millions < 10 else f"{millions:.0f}M"
+
+
+def _verdict(row: dict[str, Any]) -> str:
+    """Whether the cache made a class's first token faster, said only when it did."""
+    if row["cached_tokens"] == 0:
+        return "nothing came from the cache"
+    if row["speedup"] < 1:
+        return f"{row['speedup']:.2f}x, slower with the cache"
+    return f"[bold]{row['speedup']:.1f}x[/bold] faster"
 
 
 def _classes(results: list[RequestResult]) -> list[dict[str, Any]]:
@@ -327,5 +353,5 @@ def _report(console: Console, results: list[RequestResult], stats: StoreStats) -
             console.print(
                 f"full-prefix hit at {row['prompt_tokens']:,} tokens: first token in "
                 f"{row['ttft_with_s'] * 1000:,.0f} ms instead of "
-                f"{row['ttft_without_s'] * 1000:,.0f} ms, [bold]{row['speedup']:.1f}x[/bold] faster"
+                f"{row['ttft_without_s'] * 1000:,.0f} ms: {_verdict(row)}"
             )

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from tokenizers import Tokenizer
 
 from kvstore.demo.model import PUNCTUATION, SPECIAL_TOKENS
+from kvstore.demo.presets import check_workload_size
 from kvstore.errors import InvalidArgumentError
 
 DOC_FIRST = "document, first question"
@@ -117,12 +118,7 @@ def build_workload(
     there are few requests), open with most of the context and reach it at
     their last turn.
     """
-    if requests < 1:
-        raise InvalidArgumentError(f"requests must be >= 1, got {requests}")
-    if context < 512 or new_tokens < 1 or new_tokens > context // 8:
-        raise InvalidArgumentError(
-            f"need context >= 512 and 1 <= new_tokens <= context / 8, got {context}, {new_tokens}"
-        )
+    check_workload_size(context=context, requests=requests, new_tokens=new_tokens)
     prose = Prose(tokenizer, seed)
     chat = ChatFormat(tokenizer)
     rng = random.Random(seed + 1)
