@@ -49,6 +49,10 @@ class Incarnation:
     exit_code: int | None = None
     rss: list[tuple[float, int]] = field(default_factory=list)
 
+    def opened(self) -> bool:
+        """Whether this run opened its store."""
+        return any(event["event"] == "open" for event in self.events())
+
     def closed(self) -> bool:
         """Whether this run got to close its store (its journal has the final counters)."""
         return any(event["event"] == "final" for event in self.events())

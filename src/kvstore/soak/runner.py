@@ -49,7 +49,6 @@ RSS_EVERY_S = 0.5
 RESTART_DELAY_S = 1.0
 EXIT_GRACE_S = 60.0
 OPEN_WAIT_S = 300.0
-_OPENED = ("open", "open_failed")
 CORRUPT_FILES = 8
 
 
@@ -192,8 +191,7 @@ class FaultInjector:
         if record["fault"] != "restart-in-outage":
             return True
         slot = self.slots[record["worker"]]
-        events = slot.incarnations[-1].events()
-        return slot.poll(time.time()) or any(e["event"] in _OPENED for e in events)
+        return slot.poll(time.time()) or slot.incarnations[-1].opened()
 
     def end(self, record: dict[str, Any], at: float) -> None:
         name = record["fault"]
@@ -227,13 +225,16 @@ def _close_out(slots: list[Slot]) -> int:
 
 
 def _wait_opened(slots: list[Slot]) -> None:
-    """Wait (bounded) until every worker has opened its store, or failed to."""
+    """Wait (bounded) until every worker has opened its store. Nothing is faulted
+    yet, so a worker that exits first is a broken set-up: RuntimeError, with why."""
     deadline = time.monotonic() + OPEN_WAIT_S
     while time.monotonic() < deadline:
-        if all(
-            slot.poll(0.0) or any(e["event"] in _OPENED for e in slot.incarnations[-1].events())
-            for slot in slots
-        ):
+        for slot in slots:
+            if slot.poll(time.time()):
+                events = slot.incarnations[-1].events()
+                why = [e["error"] for e in events if e["event"] in ("open_failed", "crash")]
+                raise RuntimeError(f"worker {slot.worker} exited before it served: {why}")
+        if all(slot.incarnations[-1].opened() for slot in slots):
             return
         time.sleep(TICK_S)
     raise RuntimeError(f"the workers did not open their stores within {OPEN_WAIT_S:.0f} s")
