@@ -190,7 +190,7 @@ class FaultInjector:
         restarted worker has tried to open its store."""
         if record["fault"] != "restart-in-outage":
             return True
-        slot = self.slots[record["worker"]]
+        slot = self.slots[int(record["worker"])]
         return slot.poll(time.time()) or slot.incarnations[-1].opened()
 
     def end(self, record: dict[str, Any], at: float) -> None:
