@@ -80,7 +80,8 @@ async def check_paused_tier(
     url: str, pause: Callable[[], None], resume: Callable[[], None]
 ) -> None:
     """A tier over a paused server answers retrieve and store within its timeout_s,
-    never writes the caller's out afterwards, and counts the write that lands late."""
+    is not asked again while a call it abandoned still runs, never writes the
+    caller's out afterwards, and counts the write that lands late."""
     store = await AsyncKVStore.open(
         config({"url": url, "capacity": "64MiB", "timeout_s": TIMEOUT_S}), NAMESPACE
     )
@@ -89,17 +90,24 @@ async def check_paused_tier(
         assert (await store.store(ids, kv)).written == 4
         late_ids, late_kv = prompt(1, 4 * CHUNK)
         out = torch.full(LAYOUT.shape(4 * CHUNK), SENTINEL, dtype=LAYOUT.torch_dtype)
+        tier = store.tiers[0]
         pause()
         try:
             read_s, missed = await timed(store.retrieve(ids, out=out))
+            again_s, again = await timed(store.retrieve(ids))
+        finally:
+            resume()
+        await settled(tier)
+        pause()
+        try:
             write_s, failed = await timed(store.store(late_ids, late_kv))
         finally:
             resume()
-        assert (missed.tokens, failed.written) == (0, 0)
+        assert (missed.tokens, again.tokens, failed.written) == (0, 0, 0)
         assert read_s < TIMEOUT_S + GRACE_S, f"retrieve took {read_s:.2f} s"
+        assert again_s < TIMEOUT_S / 2, f"a retrieve from the stalled tier took {again_s:.2f} s"
         assert write_s < TIMEOUT_S + GRACE_S, f"store took {write_s:.2f} s"
-        tier = store.tiers[0]
-        assert tier.stats.errors["DriverTimeoutError"] >= 2
+        assert tier.stats.errors["DriverTimeoutError"] >= 3
         await settled(tier)
         assert bool((out == SENTINEL).all()), "the caller's out was written after retrieve"
         loaded = await store.retrieve(ids)

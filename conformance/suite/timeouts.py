@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, ClassVar
+from collections.abc import Awaitable
+from typing import Any, ClassVar, TypeVar
 
 import torch
 
@@ -14,10 +15,13 @@ from kvstore.inflight import InflightCalls
 from kvstore.keys import Namespace
 from kvstore.layout import KVLayout
 from kvstore.store import AsyncKVStore
+from kvstore.tier import Tier
 
 from ..faults import FaultPlan, FaultyDriver
 from ..harness import DriverHarness
 from .base import DriverTestBase
+
+T = TypeVar("T")
 
 TIMEOUT_S = 0.3
 """The tier timeout of the stalled store."""
@@ -69,6 +73,19 @@ class StallingDriver(FaultyDriver):
     async def _close(self) -> None:
         await self._inflight.drain()
         await super()._close()
+
+
+async def _timed(call: Awaitable[T]) -> tuple[float, T]:
+    start = time.perf_counter()
+    result = await call
+    return time.perf_counter() - start, result
+
+
+async def _settle(tier: Tier) -> None:
+    """Wait until the calls ``tier`` abandoned have ended (the stall is over)."""
+    if tier.abandoned:
+        await asyncio.wait(set(tier.abandoned), timeout=SETTLE_S)
+    assert not tier.abandoned, f"stalled calls still running {SETTLE_S} s after the stall"
 
 
 class TimeoutTests(DriverTestBase):
@@ -169,22 +186,24 @@ class TimeoutTests(DriverTestBase):
             assert (await store.store(stored_ids, stored_kv)).written == 2
             out = torch.full(_LAYOUT.shape(tokens), _SENTINEL, dtype=_LAYOUT.torch_dtype)
             stalling.stall()
-            start = time.perf_counter()
-            missed = await store.retrieve(stored_ids, out=out)
-            read_s = time.perf_counter() - start
-            start = time.perf_counter()
-            failed = await store.store(late_ids, late_kv)
-            write_s = time.perf_counter() - start
+            read_s, missed = await _timed(store.retrieve(stored_ids, out=out))
+            again_s, again_missed = await _timed(store.retrieve(stored_ids))
             stalling.resume()
-            assert missed.tokens == 0, "a stalled read must be a miss"
+            await _settle(tier)
+            stalling.stall()
+            write_s, failed = await _timed(store.store(late_ids, late_kv))
+            stalling.resume()
+            assert (missed.tokens, again_missed.tokens) == (0, 0), "a stalled read must be a miss"
             assert failed.written == 0, "a stalled write must fail"
             for what, took in (("retrieve", read_s), ("store", write_s)):
                 assert took < TIMEOUT_S + GRACE_S, (
                     f"{what} over a stalled tier took {took:.2f} s; timeout_s is {TIMEOUT_S}"
                 )
-            if tier.abandoned:
-                await asyncio.wait(set(tier.abandoned), timeout=SETTLE_S)
-            assert not tier.abandoned, f"stalled calls still running {SETTLE_S} s after the stall"
+            assert again_s < TIMEOUT_S / 2, (
+                f"a retrieve while an abandoned call still ran took {again_s:.2f} s: "
+                "a stalled tier is not asked again"
+            )
+            await _settle(tier)
             assert bool((out == _SENTINEL).all()), "the caller's out was written after retrieve"
             loaded = await store.retrieve(stored_ids)
             assert loaded.kv is not None and torch.equal(loaded.kv, stored_kv)

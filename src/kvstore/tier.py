@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import time
 from collections import Counter
@@ -102,6 +103,7 @@ class Tier:
         self.shared = driver.capabilities.shared
         self.down = driver.reason if isinstance(driver, OfflineDriver) else None
         self.abandoned: set[asyncio.Future[Any]] = set()
+        self._overdue: set[asyncio.Future[Any]] = set()
         self.reserved = 0
         self.held_bytes = 0
         self.room_lock = asyncio.Lock()
@@ -234,9 +236,26 @@ class Tier:
         (``late``: after an abandoned call ended, when the caller has long
         gone); only then may buffers the call writes or reads be reused.
 
+        While a call abandoned at its timeout still runs, the tier is stalled:
+        a new call is not sent but fails at once with ``DriverTimeoutError``,
+        so an operation that needs the tier twice (a lookup, then a read) costs
+        its caller one ``timeout_s``, not one per call.
+
         Errors of the taxonomy are counted and re-raised; anything else is a
         bug, logged and re-raised as ``InternalError`` (``note_bug``).
         """
+        if self._overdue:
+            if inspect.iscoroutine(awaitable):
+                awaitable.close()
+            if settled is not None:
+                settled(False, False)
+            stalled = DriverTimeoutError(
+                f"{operation} not sent: an earlier call has run past {self.config.timeout_s} s "
+                "and is still running",
+                driver=self.driver.name,
+            )
+            self.note_error(operation, stalled)
+            raise stalled
         start = time.perf_counter()
         self._begin_reading(reading)
         work = asyncio.ensure_future(awaitable)
@@ -247,6 +266,8 @@ class Tier:
                 self._abandon(work, reading, settled)
             self.timings.observe(operation, time.perf_counter() - start)
         if not work.done():
+            self._overdue.add(work)
+            work.add_done_callback(self._overdue.discard)
             timeout = DriverTimeoutError(
                 f"{operation} took longer than {self.config.timeout_s} s", driver=self.driver.name
             )
