@@ -23,6 +23,7 @@ from typing_extensions import Self
 from kvstore.config_url import DriverConfig
 from kvstore.driver import Capabilities, Driver, KeyEntry, Usage, fill_into, usage_by_listing
 from kvstore.errors import DriverUnavailableError
+from kvstore.inflight import InflightCalls
 
 T = TypeVar("T")
 
@@ -38,7 +39,9 @@ class FileConfig(DriverConfig):
 
 class FileDriver(Driver[FileConfig]):
     """Values in files; every call's blocking work runs in a worker thread
-    (``asyncio.to_thread``), so the event loop never waits on the disk."""
+    (``asyncio.to_thread``), so the event loop never waits on the disk. A call
+    cancelled while its thread runs lets the thread finish before it ends
+    (``InflightCalls``): nothing it was given is touched after it returned."""
 
     config_type = FileConfig
     static_capabilities = Capabilities(persistent=True, listable=True)
@@ -46,6 +49,7 @@ class FileDriver(Driver[FileConfig]):
     def __init__(self, config: FileConfig) -> None:
         super().__init__(config)
         self.root = Path(config.path)
+        self._calls = InflightCalls()
 
     @classmethod
     async def open(cls, config: FileConfig) -> Self:
@@ -83,12 +87,13 @@ class FileDriver(Driver[FileConfig]):
         return await usage_by_listing(self._list())
 
     async def _close(self) -> None:
-        """Nothing is held open between calls."""
+        """Nothing is held open between calls; wait for the threads still running."""
+        await self._calls.drain()
 
     async def _blocking(self, func: Callable[..., T], *args: object) -> T:
         """Run ``func`` in a worker thread; an OSError becomes a kvstore error."""
         try:
-            return await asyncio.to_thread(func, *args)
+            return await self._calls.complete(asyncio.to_thread(func, *args))
         except OSError as exc:
             raise DriverUnavailableError(f"{self.root}: {exc}", driver=self.name) from exc
 
