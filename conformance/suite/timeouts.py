@@ -149,7 +149,8 @@ class TimeoutTests(DriverTestBase):
             harness.reopen()
         stalling = StallingDriver.wrap(harness.driver, FaultPlan(operations=frozenset()))
         assert isinstance(stalling, StallingDriver)
-        chunk_bytes = _LAYOUT.nbytes(_NAMESPACE.chunk_tokens) + 4096
+        # Room for every chunk of the test, counted as the store counts it: in footprints.
+        chunk_bytes = harness.driver.footprint(_LAYOUT.nbytes(_NAMESPACE.chunk_tokens) + 4096)
         capacity = harness.capabilities.capacity_bytes
         harness.require_room(8 * chunk_bytes)
         config = StoreConfig.parse(
