@@ -1,0 +1,183 @@
+"""A store's state, its namespace's keys, and which tier holds each chunk."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+import blake3
+import torch
+from typing_extensions import Self
+
+from kvstore.buffers import BufferPool
+from kvstore.chunk import raw_chunk_size
+from kvstore.codecs import KeyRing
+from kvstore.config import StoreConfig
+from kvstore.errors import (
+    ConfigError,
+    InvalidArgumentError,
+    InvalidKeyError,
+    KVStoreError,
+    NotFoundError,
+)
+from kvstore.keys import (
+    NAMED_CHUNK_TAG,
+    STORAGE_KEY_BYTES,
+    TAG_BYTES,
+    Namespace,
+    TokenIds,
+    chunk_keys,
+    storage_prefix,
+)
+from kvstore.layout import KVLayout
+from kvstore.metrics import StoreMetrics
+from kvstore.results import (
+    ScopeCounters,
+)
+from kvstore.store.queue import _Job, _QueueBudget
+from kvstore.tier import Tier, check_codecs
+
+T = TypeVar("T")
+
+
+log = logging.getLogger("kvstore.store")
+
+
+class StoreState:
+    """What every part of the store shares: its config, tiers and namespace."""
+
+    config: StoreConfig
+    tiers: list[Tier]
+    namespace: Namespace
+    layout: KVLayout
+    chunk_tokens: int
+    metrics: StoreMetrics
+    _keys: KeyRing
+    _root: StoreState
+    _scopes: dict[bytes, ScopeCounters]
+    _digest: bytes
+    _prefix: bytes
+    _counters: ScopeCounters
+    _chunk_size: int
+    _pinned: set[bytes]
+    _pin_deadlines: dict[bytes, float]
+    _sweeper: asyncio.Task[None] | None
+    _pool: BufferPool
+    _executor: ThreadPoolExecutor
+    _budget: _QueueBudget
+    _queues: list[asyncio.Queue[_Job]]
+    _closed: bool
+
+    def _bind(self, namespace: Namespace) -> None:
+        """Point this store at ``namespace``: its layout, digest and storage-key prefix."""
+        check_codecs(self.tiers, namespace)
+        self.namespace = namespace
+        self.layout = namespace.layout
+        self.chunk_tokens = namespace.chunk_tokens
+        self._digest = namespace.digest()
+        self._prefix = storage_prefix(namespace)
+        self._counters = self._scopes.setdefault(self._prefix, ScopeCounters())
+        self._chunk_size = raw_chunk_size(
+            torch.empty(
+                self.layout.shape(self.chunk_tokens), dtype=self.layout.torch_dtype, device="meta"
+            )
+        )
+
+    def scoped(self, namespace: Namespace) -> Self:
+        """This store seen through another namespace (another model, TP rank or tenant).
+
+        ``namespace`` must have this store's KV layout and chunk size. The view
+        shares this store's tiers, queues, pins and lifetime; its keys, lookups,
+        stores, retrieves and scoped operations are ``namespace``'s. Closing a
+        view does nothing: close the store it came from.
+        """
+        if namespace.chunk_tokens != self.chunk_tokens or namespace.layout != self.layout:
+            raise ConfigError(
+                "a view's namespace must have the store's chunk_tokens and KV layout "
+                f"({self.chunk_tokens}, {self.layout})"
+            )
+        view = copy.copy(self)
+        view._bind(namespace)
+        return view
+
+    def keys(self, tokens: TokenIds) -> list[bytes]:
+        """The storage keys of every whole chunk of ``tokens``: this namespace's
+        prefix, then the chunk key (docs/key-spec.md)."""
+        prefix = self._prefix
+        return [prefix + key for key in chunk_keys(self._digest, tokens, self.chunk_tokens)]
+
+    def named_keys(self, names: Sequence[bytes]) -> list[bytes]:
+        """Storage keys of chunks an engine names itself (SGLang's page hashes)
+        instead of by tokens: this namespace's prefix, then ``blake3(namespace
+        digest || b"kvstore-named-chunk-v1\\n" || name)``. The engine's naming must
+        make equal names mean equal KV within the namespace."""
+        prefix = self._prefix
+        keys = []
+        for name in names:
+            if type(name) is not bytes or not name:
+                raise InvalidKeyError(f"chunk names are non-empty bytes, got {name!r}")
+            hasher = blake3.blake3(self._digest)
+            hasher.update(NAMED_CHUNK_TAG)
+            hasher.update(name)
+            keys.append(prefix + hasher.digest())
+        return keys
+
+    def _own_keys(self, keys: Sequence[bytes]) -> list[bytes]:
+        """``keys`` as a list, each checked to be a storage key of this namespace."""
+        own = list(keys)
+        for key in own:
+            if (
+                type(key) is not bytes
+                or len(key) != STORAGE_KEY_BYTES
+                or key[: 2 * TAG_BYTES] != self._prefix
+            ):
+                raise InvalidKeyError("not a storage key of this store's namespace")
+        return own
+
+    async def _contains(self, tier: Tier, keys: list[bytes]) -> list[bool]:
+        if tier.down is not None:
+            tier.stats.misses += len(keys)
+            return [False] * len(keys)
+        try:
+            return await tier.call("contains_many", tier.driver.contains_many(keys))
+        except KVStoreError:
+            return [False] * len(keys)
+
+    async def _locate(self, keys: list[bytes]) -> list[int]:
+        """The fastest tier holding each chunk of the cached prefix."""
+        where: list[int | None] = [None] * len(keys)
+        for tier in self.tiers:
+            for i, key in enumerate(keys):
+                if where[i] is None and key in tier.index:
+                    where[i] = tier.position
+        for tier in self.tiers:
+            missing = [i for i, t in enumerate(where) if t is None]
+            if tier.shared and missing:
+                answers = await self._contains(tier, [keys[i] for i in missing])
+                for i, hit in zip(missing, answers):
+                    if hit:
+                        where[i] = tier.position
+        prefix: list[int] = []
+        for position in where:
+            if position is None:
+                break
+            prefix.append(position)
+        return prefix
+
+    def _tier(self, name: str) -> Tier:
+        for tier in self.tiers:
+            if tier.name == name:
+                return tier
+        raise NotFoundError(f"no tier named {name!r} (tiers: {[t.name for t in self.tiers]})")
+
+    def _check_open(self) -> None:
+        if self._root._closed:
+            raise InvalidArgumentError("the store is closed")
+
+    async def _run(self, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, lambda: func(*args, **kwargs))

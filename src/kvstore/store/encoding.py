@@ -1,0 +1,78 @@
+"""Chunks encoded once and shared by the writes using them; recoding for another tier."""
+
+from __future__ import annotations
+
+import torch
+
+from kvstore.chunk import decode_chunk, encode_chunk, raw_chunk_size, read_header
+from kvstore.codecs import Codec, KeyRing
+from kvstore.errors import (
+    IntegrityError,
+    InvalidArgumentError,
+)
+from kvstore.keys import (
+    chunk_key_of,
+)
+from kvstore.layout import KVLayout
+from kvstore.store.encoded import _Encoded
+from kvstore.store.pins import Pinning
+from kvstore.tier import Tier
+
+
+def _verified_recode(
+    key: bytes, value: memoryview, codecs: tuple[Codec, ...], keys: KeyRing
+) -> memoryview:
+    """Verify a stored chunk of any namespace (its header names its layout) and
+    return it encoded with ``codecs``: ``value`` itself when it already is.
+    ``keys`` decrypt encrypted chunks."""
+    header = read_header(value)
+    if len(header.shape) != 5:
+        raise IntegrityError(f"chunk header has shape {header.shape}, not a KV chunk")
+    layers, _planes, tokens, heads, dim = header.shape
+    try:
+        layout = KVLayout(layers, heads, dim, header.dtype, header.mla)
+    except InvalidArgumentError as exc:
+        raise IntegrityError(f"chunk header names no valid layout: {exc}") from None
+    kv = decode_chunk(value, key=chunk_key_of(key), layout=layout, tokens=tokens, keys=keys)
+    if tuple(header.codec_ids) == tuple(codec.id for codec in codecs):
+        return value
+    return encode_chunk(chunk_key_of(key), kv, mla=header.mla, codecs=codecs)
+
+
+class Encoding(Pinning):
+    """Encoding chunks for a tier's codec stack."""
+
+    async def _encode(self, key: bytes, kv: torch.Tensor, codecs: tuple[Codec, ...]) -> _Encoded:
+        if codecs:
+            view = await self._run(
+                encode_chunk, chunk_key_of(key), kv, mla=self.layout.mla, codecs=codecs
+            )
+            return _Encoded(key, view, codecs, None, self._pool)
+        buffer = self._pool.acquire(raw_chunk_size(kv))
+        view = await self._run(encode_chunk, chunk_key_of(key), kv, mla=self.layout.mla, out=buffer)
+        return _Encoded(key, view, codecs, buffer, self._pool)
+
+    async def _recode(self, chunk: _Encoded, codecs: tuple[Codec, ...]) -> _Encoded:
+        """The same chunk encoded with another tier's codec stack."""
+        if chunk.codecs == codecs or [c.spec() for c in chunk.codecs] == [c.spec() for c in codecs]:
+            return chunk.retain()
+        kv = await self._run(
+            decode_chunk,
+            chunk.view,
+            key=chunk_key_of(chunk.key),
+            layout=self.layout,
+            tokens=self.chunk_tokens,
+            keys=self._keys,
+        )
+        return await self._encode(chunk.key, kv, codecs)
+
+    async def _recode_verified(
+        self, tier: Tier, key: bytes, value: memoryview, codecs: tuple[Codec, ...]
+    ) -> memoryview | None:
+        """``_verified_recode`` off the loop; ``None`` for a bad chunk, which is counted."""
+        try:
+            return await self._run(_verified_recode, key, value, codecs, self._keys)
+        except IntegrityError as exc:
+            tier.stats.integrity_failures += 1
+            tier.note_error("verify", exc)
+            return None

@@ -1,0 +1,299 @@
+"""The read pipeline: retrieve with read-ahead, verification, recovery and promotion."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+
+import torch
+
+from kvstore.buffers import BufferPool, byte_view
+from kvstore.chunk import decode_chunk
+from kvstore.codecs import Codec
+from kvstore.errors import (
+    DriverUnavailableError,
+    IntegrityError,
+    InvalidArgumentError,
+    KVStoreError,
+)
+from kvstore.keys import (
+    TokenIds,
+    chunk_key_of,
+)
+from kvstore.layout import TOKEN_DIM
+from kvstore.metrics import timed
+from kvstore.results import (
+    RetrieveResult,
+)
+from kvstore.store.encoded import _Encoded
+from kvstore.store.writes import WritePipeline
+from kvstore.tier import Tier
+
+log = logging.getLogger("kvstore.store")
+
+
+class _Reads:
+    """Where the values read for one batch live: pooled buffers and borrowed
+    views, released together once the batch is decoded. ``failed``: the read
+    call failed, so its misses say nothing of what the tier holds."""
+
+    def __init__(self, pool: BufferPool) -> None:
+        self._pool = pool
+        self.buffers: list[torch.Tensor] = []
+        self.loans = contextlib.AsyncExitStack()
+        self.failed = False
+
+    async def release(self) -> None:
+        await self.loans.aclose()
+        for buffer in self.buffers:
+            self._pool.release(buffer)
+        self.buffers.clear()
+
+
+class _PrefixEnds(Exception):
+    """Raised inside retrieve when a chunk cannot be loaded from any tier."""
+
+
+class ReadPipeline(WritePipeline):
+    """retrieve and retrieve_chunks."""
+
+    @timed("retrieve")
+    async def retrieve(self, tokens: TokenIds, out: torch.Tensor | None = None) -> RetrieveResult:
+        """Load the KV of the longest cached prefix of ``tokens``.
+
+        ``out``, if given, is a ``[layers, 2, >= n, heads, dim]`` tensor of the
+        store's dtype to load into; the result's ``kv`` is then a view of it.
+        """
+        self._check_open()
+        keys = self.keys(tokens)
+        located = await self._locate(keys)
+        if not located:
+            self.metrics.count_prefix("retrieve", len(keys) * self.chunk_tokens, 0)
+            self._counters.note_retrieve(0)
+            return RetrieveResult(0, None, ())
+        ct = self.chunk_tokens
+        if out is None:
+            out = torch.empty(self.layout.shape(len(located) * ct), dtype=self.layout.torch_dtype)
+        elif out.dim() != 5 or out.shape[TOKEN_DIM] < len(located) * ct:
+            raise InvalidArgumentError(f"out has shape {tuple(out.shape)}, too small")
+        else:
+            self.layout.check(out)
+        sources = await self._load(
+            keys, located, [out[:, :, i * ct : (i + 1) * ct] for i in range(len(located))]
+        )
+        loaded = len(sources) * ct
+        self.metrics.count_prefix("retrieve", len(keys) * ct, loaded)
+        self._counters.note_retrieve(loaded)
+        return RetrieveResult(loaded, out[:, :, :loaded] if loaded else None, tuple(sources))
+
+    async def _load(
+        self, keys: list[bytes], located: list[int], outs: list[torch.Tensor]
+    ) -> list[str]:
+        """Load the chunks ``located`` found into ``outs``, fastest tier first, with
+        ``read_ahead`` batches in flight; the tier of each chunk loaded, up to the
+        first that no tier could give back verified."""
+        sources: list[str] = []
+        batches = self._batches(located)
+        fetches: list[asyncio.Task[list[memoryview | None]]] = []
+        reads: list[_Reads] = []
+        try:
+            for batch_no, (position, indices) in enumerate(batches):
+                while len(fetches) < min(batch_no + 1 + self.config.read_ahead, len(batches)):
+                    tier_at, next_indices = batches[len(fetches)]
+                    reads.append(_Reads(self._pool))
+                    fetches.append(
+                        asyncio.ensure_future(
+                            self._fetch(
+                                self.tiers[tier_at], [keys[i] for i in next_indices], reads[-1]
+                            )
+                        )
+                    )
+                values = await fetches[batch_no]
+                tier = self.tiers[position]
+                results = await asyncio.gather(
+                    *(
+                        self._decode_into(
+                            tier, keys[i], value, outs[i], failed=reads[batch_no].failed
+                        )
+                        for i, value in zip(indices, values)
+                    )
+                )
+                for i, value, ok in zip(indices, values, results):
+                    if ok and value is not None:
+                        tier.index.touch(keys[i])
+                        tier.stats.hits += 1
+                        tier.stats.bytes_read += len(value)
+                        if position > 0:
+                            await self._promote(keys[i], value, tier.codecs)
+                        sources.append(tier.name)
+                    else:
+                        source = await self._recover(keys[i], outs[i], position)
+                        if source is None:
+                            raise _PrefixEnds
+                        sources.append(source)
+                await reads[batch_no].release()
+        except _PrefixEnds:
+            pass
+        finally:
+            for task in fetches:
+                if not task.done():
+                    task.cancel()
+            await asyncio.gather(*fetches, return_exceptions=True)
+            for held in reads:
+                await held.release()
+        return sources
+
+    @timed("retrieve_chunks")
+    async def retrieve_chunks(
+        self, keys: Sequence[bytes], outs: Sequence[torch.Tensor]
+    ) -> tuple[str, ...]:
+        """Load the longest cached prefix of ``keys`` (from ``named_keys``) into ``outs``.
+
+        ``outs[i]`` is a ``[layers, 2, chunk_tokens, kv_heads, head_dim]`` tensor
+        of the store's layout, any strides (e.g. a view of an engine's host
+        memory); chunk ``i`` is copied into it once verified. Returns the tier
+        each loaded chunk came from. An ``out`` past the loaded prefix may have
+        been partly written: treat it as garbage.
+        """
+        self._check_open()
+        keys = self._own_keys(keys)
+        if len(outs) != len(keys):
+            raise InvalidArgumentError(f"{len(outs)} outs given for {len(keys)} keys")
+        for out in outs:
+            self.layout.check(out, self.chunk_tokens)
+        located = await self._locate(keys)
+        sources = tuple(await self._load(keys, located, list(outs))) if located else ()
+        self.metrics.count_prefix(
+            "retrieve_chunks", len(keys) * self.chunk_tokens, len(sources) * self.chunk_tokens
+        )
+        return sources
+
+    def _batches(self, located: list[int]) -> list[tuple[int, list[int]]]:
+        """Consecutive chunks from the same tier, at most ``io_batch_bytes`` a batch."""
+        per_batch = max(1, self.config.io_batch_bytes // self.layout.nbytes(self.chunk_tokens))
+        batches: list[tuple[int, list[int]]] = []
+        for i, position in enumerate(located):
+            if batches and batches[-1][0] == position and len(batches[-1][1]) < per_batch:
+                batches[-1][1].append(i)
+            else:
+                batches.append((position, [i]))
+        return batches
+
+    async def _fetch(self, tier: Tier, keys: list[bytes], reads: _Reads) -> list[memoryview | None]:
+        """Read ``keys`` from ``tier``: borrowed views where the driver lends them,
+        else ``get_many`` into pooled buffers; ``None`` for misses and failures."""
+        values: list[memoryview | None] = [None] * len(keys)
+        if tier.driver.capabilities.lends_views:
+            start = time.perf_counter()
+            try:
+                values = list(await reads.loans.enter_async_context(tier.borrow(keys)))
+            except DriverUnavailableError as exc:
+                tier.note_error("borrow_many", exc)
+                return values
+            except KVStoreError as exc:
+                tier.note_error("borrow_many", exc)
+            except Exception as exc:
+                tier.note_bug("borrow_many", exc)
+                return values
+            finally:
+                tier.timings.observe("borrow_many", time.perf_counter() - start)
+        missing = [i for i, value in enumerate(values) if value is None]
+        if not missing:
+            return values
+        buffers = [self._pool.acquire(self._chunk_size) for _ in missing]
+        wanted = [keys[i] for i in missing]
+
+        def settled(_succeeded: bool, late: bool) -> None:
+            """The driver is done with the buffers: the batch's reads own them, or,
+            after an abandoned call, nobody does any more."""
+            if late:
+                for buffer in buffers:
+                    self._pool.release(buffer)
+            else:
+                reads.buffers.extend(buffers)
+
+        try:
+            found = await tier.call(
+                "get_many",
+                tier.driver.get_many(wanted, into=[byte_view(b) for b in buffers]),
+                reading=wanted,
+                settled=settled,
+            )
+        except KVStoreError:
+            reads.failed = True
+            return values
+        for i, value in zip(missing, found):
+            values[i] = value
+        return values
+
+    async def _decode_into(
+        self,
+        tier: Tier,
+        key: bytes,
+        value: memoryview | None,
+        out: torch.Tensor,
+        *,
+        failed: bool = False,
+    ) -> bool:
+        """Verify and copy one chunk into ``out``; drop a bad copy from its tier. A
+        miss drops the chunk from the tier's index unless the read ``failed`` (timed
+        out, tier unreachable): then the chunk is most likely still there."""
+        if value is None:
+            tier.stats.misses += 1
+            if not failed:
+                tier.forget(key)
+            return False
+        try:
+            await self._run(
+                decode_chunk,
+                value,
+                key=chunk_key_of(key),
+                layout=self.layout,
+                tokens=self.chunk_tokens,
+                out=out,
+                verify=tier.config.verify,
+                keys=self._keys,
+            )
+            return True
+        except IntegrityError as exc:
+            tier.stats.integrity_failures += 1
+            tier.note_error("decode", exc)
+            try:
+                await tier.delete([key])
+            except KVStoreError:
+                log.warning("tier %s: a corrupt chunk could not be deleted", tier.name)
+            return False
+
+    async def _recover(self, key: bytes, out: torch.Tensor, failed: int) -> str | None:
+        """Try every other tier for a chunk whose first copy failed; the tier's name."""
+        for tier in self.tiers:
+            if tier.position == failed:
+                continue
+            if key not in tier.index and not (
+                tier.shared and (await self._contains(tier, [key]))[0]
+            ):
+                continue
+            reads = _Reads(self._pool)
+            try:
+                (value,) = await self._fetch(tier, [key], reads)
+                if value is not None and await self._decode_into(tier, key, value, out):
+                    tier.stats.hits += 1
+                    tier.stats.bytes_read += len(value)
+                    if tier.position > 0:
+                        await self._promote(key, value, tier.codecs)
+                    return tier.name
+            finally:
+                await reads.release()
+        return None
+
+    async def _promote(self, key: bytes, value: memoryview, codecs: tuple[Codec, ...]) -> None:
+        """Queue a copy of a chunk found in a lower tier for the first tier."""
+        if key in self.tiers[0].index:
+            return
+        buffer = self._pool.acquire(len(value))
+        buffer[: len(value)].numpy()[:] = value
+        chunk = _Encoded(key, byte_view(buffer)[: len(value)], codecs, buffer, self._pool)
+        await self._enqueue(self.tiers[0], chunk)
