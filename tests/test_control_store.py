@@ -108,20 +108,36 @@ async def test_view_shares_tiers_but_not_keys(store: AsyncKVStore) -> None:
         store.scoped(dataclasses.replace(NAMESPACE, layout=KVLayout(2, 2, 64)))
 
 
-async def test_pin_expires_lazily_and_by_the_sweeper() -> None:
+class ManualClock:
+    """A clock a test moves by hand, so pin deadlines pass without sleeping."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+async def test_pin_expires_at_its_deadline() -> None:
     chunk_room = 256 << 10  # a chunk of LAYOUT takes one page of the cpu arena
+    clock = ManualClock()
     store = await AsyncKVStore.open(
-        config({"url": "cpu://?capacity=16MiB", "capacity": 3 * chunk_room}), NAMESPACE
+        config({"url": "cpu://?capacity=16MiB", "capacity": 3 * chunk_room}),
+        NAMESPACE,
+        clock=clock,
     )
     try:
         first, kv_first = prompt(2, 2 * CHUNK)
         await store.store(first, kv_first)
-        assert await store.pin(first, ttl_s=0.2) == 2
+        assert await store.pin(first, ttl_s=60) == 2
         await store.store(*prompt(3, CHUNK))
         await store.store(*prompt(4, CHUNK))  # needs room: the pinned chunks stay
         assert (await store.lookup(first)).tokens == 2 * CHUNK
         assert store.stats().pinned_chunks == 2
-        await asyncio.sleep(1.5)  # the sweeper drops expired pins within a second
+        clock.advance(61)
         assert store.stats().pinned_chunks == 0
         await store.store(*prompt(5, 2 * CHUNK))
         assert (await store.lookup(first)).tokens == 0  # evicted once the pin expired
@@ -133,15 +149,34 @@ async def test_pin_expires_lazily_and_by_the_sweeper() -> None:
         await store.close()
 
 
-async def test_permanent_pin_outlives_a_ttl_pin(store: AsyncKVStore) -> None:
-    ids, kv = prompt(6, 2 * CHUNK)
+async def test_the_sweeper_drops_expired_pins(store: AsyncKVStore) -> None:
+    ids, kv = prompt(8, CHUNK)
     await store.store(ids, kv)
-    assert await store.pin(ids) == 2
-    assert await store.pin(ids, ttl_s=0.05) == 2
-    await asyncio.sleep(0.1)
-    assert store._is_pinned(store.keys(ids)[0])
-    assert await store.unpin(ids) == 2
+    assert await store.pin(ids, ttl_s=0.05) == 1
+    for _ in range(100):  # the sweeper wakes at the deadline, at most a second late
+        if store._pins.next_deadline() is None:
+            break
+        await asyncio.sleep(0.02)
+    assert store._pins.next_deadline() is None
     assert store.stats().pinned_chunks == 0
+
+
+async def test_permanent_pin_outlives_a_ttl_pin() -> None:
+    clock = ManualClock()
+    store = await AsyncKVStore.open(
+        config({"url": "cpu://?capacity=16MiB"}), NAMESPACE, clock=clock
+    )
+    try:
+        ids, kv = prompt(6, 2 * CHUNK)
+        await store.store(ids, kv)
+        assert await store.pin(ids) == 2
+        assert await store.pin(ids, ttl_s=0.05) == 2
+        clock.advance(1)
+        assert store._is_pinned(store.keys(ids)[0])
+        assert await store.unpin(ids) == 2
+        assert store.stats().pinned_chunks == 0
+    finally:
+        await store.close()
 
 
 async def test_clear_by_scope(store: AsyncKVStore) -> None:

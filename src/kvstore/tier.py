@@ -344,17 +344,16 @@ class Tier:
             )
         return InternalError(f"{operation} raised {kind}: {exc}", driver=self.driver.name)
 
-    def snapshot(self, pinned: set[bytes]) -> TierSnapshot:
+    def snapshot(self, pinned: frozenset[bytes]) -> TierSnapshot:
         """The tier's state now; safe from any thread (``KVStore.stats``, a metrics
-        scrape): ``tuple(pinned)`` copies the set in one step, so pins changing on
-        the store's thread cannot break the count."""
+        scrape). ``pinned``: the keys pinned now (``Pins.live``)."""
         return TierSnapshot(
             name=self.name,
             url=self.driver.config.redacted_url(),
             entries=len(self.index),
             used_bytes=self.index.used_bytes,
             capacity_bytes=self.capacity,
-            pinned=sum(1 for key in tuple(pinned) if key in self.index),
+            pinned=sum(1 for key in pinned if key in self.index),
             up=self.down is None,
             stats=self.stats,
         )

@@ -20,13 +20,13 @@ from kvstore.results import (
     ProgressCallback,
     Scope,
 )
-from kvstore.store.encoded import _Encoded
+from kvstore.store.encoded import EncodedChunk
 from kvstore.store.reads import ReadPipeline
 from kvstore.tier import Tier
 
 
 @dataclass
-class _Tally:
+class Tally:
     """Progress of a long operation, reported through an optional callback."""
 
     total_chunks: int
@@ -138,7 +138,7 @@ class AdminOperations(ReadPipeline):
         prefix = self._scope_prefix(scope)
         await self.flush()
         held = [(target, await self._held(target, prefix)) for target in targets]
-        tally = _Tally(
+        tally = Tally(
             sum(len(keys) for _, keys in held),
             sum(sum(keys.values()) for _, keys in held),
             progress,
@@ -152,9 +152,7 @@ class AdminOperations(ReadPipeline):
                 deleted += sum(existed)
                 tally.advance(len(batch), sum(keys[key] for key in batch))
         if tier is None:
-            for key in [key for key in self._pinned if key.startswith(prefix)]:
-                self._pinned.discard(key)
-                self._pin_deadlines.pop(key, None)
+            self._pins.remove_prefix(prefix)
         return deleted
 
     async def move(
@@ -180,10 +178,10 @@ class AdminOperations(ReadPipeline):
         if src is dst:
             raise InvalidArgumentError("move needs two different tiers")
         held = await self._selected(src, tokens, scope)
-        tally = _Tally(len(held), sum(held.values()), progress)
+        tally = Tally(len(held), sum(held.values()), progress)
         for batch in self._batched(held):
             values = await self._read(src, batch)
-            fresh: list[_Encoded] = []
+            fresh: list[EncodedChunk] = []
             bad: list[bytes] = []
             for key, value in zip(batch, values):
                 if value is None:
@@ -195,7 +193,7 @@ class AdminOperations(ReadPipeline):
                     if encoded is None:
                         bad.append(key)
                     else:
-                        fresh.append(_Encoded(key, encoded, dst.codecs, None, self._pool))
+                        fresh.append(EncodedChunk(key, encoded, dst.codecs, None, self._pool))
             await self._write(dst, fresh)
             landed = [chunk for chunk in fresh if chunk.key in dst.index]
             tally.count("copied", len(landed))
@@ -242,10 +240,10 @@ class AdminOperations(ReadPipeline):
         target = self._tier(tier)
         stack = self.lossless_stack(codecs)
         held = await self._selected(target, tokens, scope)
-        tally = _Tally(len(held), sum(held.values()), progress)
+        tally = Tally(len(held), sum(held.values()), progress)
         for batch in self._batched(held):
             values = await self._read(target, batch)
-            changed: list[tuple[_Encoded, int]] = []
+            changed: list[tuple[EncodedChunk, int]] = []
             bad: list[bytes] = []
             for key, value in zip(batch, values):
                 if value is None:
@@ -257,7 +255,9 @@ class AdminOperations(ReadPipeline):
                 elif encoded is value:
                     tally.count("unchanged")
                 else:
-                    changed.append((_Encoded(key, encoded, stack, None, self._pool), len(value)))
+                    changed.append(
+                        (EncodedChunk(key, encoded, stack, None, self._pool), len(value))
+                    )
             for chunk, _ in changed:
                 target.forget(chunk.key)
             await self._write(target, [chunk for chunk, _ in changed])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -22,13 +23,14 @@ from kvstore.keys import (
 )
 from kvstore.metrics import StoreMetrics, timed
 from kvstore.offline import OfflineDriver
+from kvstore.pins import Clock, Pins
 from kvstore.registry import open_driver
 from kvstore.results import (
     LookupResult,
     ScopeCounters,
 )
 from kvstore.store.health import HealthReports
-from kvstore.store.queue import _Job, _QueueBudget
+from kvstore.store.queue import QueueBudget, WriteJob
 from kvstore.tier import Tier
 
 log = logging.getLogger("kvstore.store")
@@ -51,6 +53,7 @@ class AsyncKVStore(HealthReports):
         tiers: list[Tier],
         *,
         keys: KeyRing | None = None,
+        clock: Clock = time.monotonic,
     ) -> None:
         if namespace.chunk_tokens != config.chunk_tokens or namespace.tenant != config.tenant:
             raise ConfigError("the namespace's chunk_tokens and tenant must match the store config")
@@ -60,15 +63,14 @@ class AsyncKVStore(HealthReports):
         self._root = self
         self._scopes: dict[bytes, ScopeCounters] = {}
         self._bind(namespace)
-        self._pinned: set[bytes] = set()
-        self._pin_deadlines: dict[bytes, float] = {}
+        self._pins = Pins(clock)
         self._sweeper: asyncio.Task[None] | None = None
         self._pool = BufferPool(
             max_bytes=config.queue_bytes + (config.read_ahead + 1) * config.io_batch_bytes
         )
         self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kvstore-codec")
-        self._budget = _QueueBudget(config.queue_bytes)
-        self._queues: list[asyncio.Queue[_Job]] = [asyncio.Queue() for _ in tiers]
+        self._budget = QueueBudget(config.queue_bytes)
+        self._queues: list[asyncio.Queue[WriteJob]] = [asyncio.Queue() for _ in tiers]
         self._writers = [
             asyncio.create_task(self._writer(tier, queue), name=f"kvstore-writer-{tier.name}")
             for tier, queue in zip(tiers, self._queues)
@@ -95,6 +97,7 @@ class AsyncKVStore(HealthReports):
         namespace: Namespace,
         *,
         drivers: Sequence[Driver[Any]] | None = None,
+        clock: Clock = time.monotonic,
     ) -> AsyncKVStore:
         """Open every tier's driver and load the indexes of persistent tiers.
 
@@ -104,7 +107,8 @@ class AsyncKVStore(HealthReports):
 
         ``drivers``, one per tier, are used instead of opening the tier URLs
         (for drivers built in code, such as fault-injection wrappers); the
-        store closes them when it closes.
+        store closes them when it closes. ``clock`` times pin deadlines (a test
+        advances one instead of sleeping).
         """
         if drivers is not None and len(drivers) != len(config.tiers):
             raise ConfigError(f"{len(drivers)} drivers given for {len(config.tiers)} tiers")
@@ -124,7 +128,7 @@ class AsyncKVStore(HealthReports):
                     raise
                 tiers.append(tier)
                 await tier.load_index()
-            return cls(config, namespace, tiers, keys=keys)
+            return cls(config, namespace, tiers, keys=keys, clock=clock)
         except BaseException:
             for tier in tiers:
                 await tier.driver.close()

@@ -35,10 +35,11 @@ from kvstore.keys import (
 )
 from kvstore.layout import KVLayout
 from kvstore.metrics import StoreMetrics
+from kvstore.pins import Pins
 from kvstore.results import (
     ScopeCounters,
 )
-from kvstore.store.queue import _Job, _QueueBudget
+from kvstore.store.queue import QueueBudget, WriteJob
 from kvstore.tier import Tier, check_codecs
 
 T = TypeVar("T")
@@ -63,13 +64,12 @@ class StoreState:
     _prefix: bytes
     _counters: ScopeCounters
     _chunk_size: int
-    _pinned: set[bytes]
-    _pin_deadlines: dict[bytes, float]
+    _pins: Pins
     _sweeper: asyncio.Task[None] | None
     _pool: BufferPool
     _executor: ThreadPoolExecutor
-    _budget: _QueueBudget
-    _queues: list[asyncio.Queue[_Job]]
+    _budget: QueueBudget
+    _queues: list[asyncio.Queue[WriteJob]]
     _closed: bool
 
     def _bind(self, namespace: Namespace) -> None:

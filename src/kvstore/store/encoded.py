@@ -8,7 +8,7 @@ from kvstore.buffers import BufferPool
 from kvstore.codecs import Codec
 
 
-class _Encoded:
+class EncodedChunk:
     """A chunk's encoded bytes, shared by the writes still using them."""
 
     def __init__(
@@ -26,7 +26,7 @@ class _Encoded:
         self._pool = pool
         self._users = 1
 
-    def retain(self) -> _Encoded:
+    def retain(self) -> EncodedChunk:
         self._users += 1
         return self
 

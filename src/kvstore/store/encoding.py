@@ -14,12 +14,12 @@ from kvstore.keys import (
     chunk_key_of,
 )
 from kvstore.layout import KVLayout
-from kvstore.store.encoded import _Encoded
+from kvstore.store.encoded import EncodedChunk
 from kvstore.store.pins import Pinning
 from kvstore.tier import Tier
 
 
-def _verified_recode(
+def verified_recode(
     key: bytes, value: memoryview, codecs: tuple[Codec, ...], keys: KeyRing
 ) -> memoryview:
     """Verify a stored chunk of any namespace (its header names its layout) and
@@ -42,17 +42,19 @@ def _verified_recode(
 class Encoding(Pinning):
     """Encoding chunks for a tier's codec stack."""
 
-    async def _encode(self, key: bytes, kv: torch.Tensor, codecs: tuple[Codec, ...]) -> _Encoded:
+    async def _encode(
+        self, key: bytes, kv: torch.Tensor, codecs: tuple[Codec, ...]
+    ) -> EncodedChunk:
         if codecs:
             view = await self._run(
                 encode_chunk, chunk_key_of(key), kv, mla=self.layout.mla, codecs=codecs
             )
-            return _Encoded(key, view, codecs, None, self._pool)
+            return EncodedChunk(key, view, codecs, None, self._pool)
         buffer = self._pool.acquire(raw_chunk_size(kv))
         view = await self._run(encode_chunk, chunk_key_of(key), kv, mla=self.layout.mla, out=buffer)
-        return _Encoded(key, view, codecs, buffer, self._pool)
+        return EncodedChunk(key, view, codecs, buffer, self._pool)
 
-    async def _recode(self, chunk: _Encoded, codecs: tuple[Codec, ...]) -> _Encoded:
+    async def _recode(self, chunk: EncodedChunk, codecs: tuple[Codec, ...]) -> EncodedChunk:
         """The same chunk encoded with another tier's codec stack."""
         if chunk.codecs == codecs or [c.spec() for c in chunk.codecs] == [c.spec() for c in codecs]:
             return chunk.retain()
@@ -69,9 +71,9 @@ class Encoding(Pinning):
     async def _recode_verified(
         self, tier: Tier, key: bytes, value: memoryview, codecs: tuple[Codec, ...]
     ) -> memoryview | None:
-        """``_verified_recode`` off the loop; ``None`` for a bad chunk, which is counted."""
+        """``verified_recode`` off the loop; ``None`` for a bad chunk, which is counted."""
         try:
-            return await self._run(_verified_recode, key, value, codecs, self._keys)
+            return await self._run(verified_recode, key, value, codecs, self._keys)
         except IntegrityError as exc:
             tier.stats.integrity_failures += 1
             tier.note_error("verify", exc)

@@ -67,6 +67,7 @@ class HealthReports(AdminOperations):
         """What the tiers hold of ``scope`` (from the store's indexes) and the
         lookup/retrieve counters of its namespaces: nothing of anyone else's."""
         prefix = self._scope_prefix(scope)
+        pinned = self._pins.live()
         tiers = []
         for tier in self.tiers:
             held = [(k, size) for k, size in tier.index.eviction_order() if k.startswith(prefix)]
@@ -76,7 +77,7 @@ class HealthReports(AdminOperations):
                     entries=len(held),
                     used_bytes=sum(size for _, size in held),
                     capacity_bytes=tier.capacity,
-                    pinned=sum(1 for key, _ in held if key in self._pinned),
+                    pinned=sum(1 for key, _ in held if key in pinned),
                 )
             )
         counters = ScopeCounters()
@@ -86,8 +87,9 @@ class HealthReports(AdminOperations):
         return ScopeStats(scope=self._resolve(scope), tiers=tuple(tiers), counters=counters)
 
     def stats(self) -> StoreStats:
+        pinned = self._pins.live()
         return StoreStats(
-            tiers=tuple(tier.snapshot(self._pinned) for tier in self.tiers),
+            tiers=tuple(tier.snapshot(pinned) for tier in self.tiers),
             queued_bytes=self._budget.used,
-            pinned_chunks=len(self._pinned),
+            pinned_chunks=len(pinned),
         )

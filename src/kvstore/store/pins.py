@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import math
-import time
 
 from kvstore.errors import (
     InvalidArgumentError,
@@ -30,41 +29,17 @@ class Pinning(StoreState):
             raise InvalidArgumentError(f"ttl_s must be a positive number of seconds, got {ttl_s}")
         keys = self.keys(tokens)
         keys = keys[: len(await self._locate(keys))]
-        deadlines = self._pin_deadlines
-        for key in keys:
-            if ttl_s is None:
-                deadlines.pop(key, None)
-            elif key not in self._pinned or key in deadlines:
-                deadlines[key] = max(deadlines.get(key, 0.0), time.monotonic() + ttl_s)
-        self._pinned.update(keys)
+        self._pins.add(keys, ttl_s)
         if ttl_s is not None and keys:
             self._sweep_later()
         return len(keys)
 
     async def unpin(self, tokens: TokenIds) -> int:
         """Unpin every chunk of ``tokens``; chunks that were pinned."""
-        keys = [key for key in self.keys(tokens) if self._is_pinned(key)]
-        self._pinned.difference_update(keys)
-        for key in keys:
-            self._pin_deadlines.pop(key, None)
-        return len(keys)
+        return self._pins.remove(self.keys(tokens))
 
     def _is_pinned(self, key: bytes) -> bool:
-        """Whether ``key`` is pinned now; a pin past its deadline is dropped here."""
-        if key not in self._pinned:
-            return False
-        deadline = self._pin_deadlines.get(key)
-        if deadline is not None and deadline <= time.monotonic():
-            self._pinned.discard(key)
-            del self._pin_deadlines[key]
-            return False
-        return True
-
-    def _expire_pins(self) -> None:
-        now = time.monotonic()
-        for key in [key for key, deadline in self._pin_deadlines.items() if deadline <= now]:
-            self._pinned.discard(key)
-            del self._pin_deadlines[key]
+        return key in self._pins
 
     def _sweep_later(self) -> None:
         """Start the task that drops expired pins, unless it runs already."""
@@ -74,10 +49,10 @@ class Pinning(StoreState):
 
     async def _sweep_pins(self) -> None:
         """Drop pins as they expire (at most a second late), until none has a deadline."""
-        while self._pin_deadlines:
-            earliest = min(self._pin_deadlines.values())
-            await asyncio.sleep(min(1.0, max(0.0, earliest - time.monotonic())))
-            self._expire_pins()
+        pins = self._pins
+        while (earliest := pins.next_deadline()) is not None:
+            await asyncio.sleep(min(1.0, max(0.0, earliest - pins.clock())))
+            pins.expire()
 
     async def evict(self, tokens: TokenIds) -> int:
         """Drop the unpinned chunks of ``tokens`` from every tier; chunks dropped."""

@@ -11,7 +11,7 @@ from kvstore.errors import (
     IntegrityError,
     KVStoreError,
 )
-from kvstore.store.encoded import _Encoded
+from kvstore.store.encoded import EncodedChunk
 from kvstore.store.encoding import Encoding
 from kvstore.tier import Tier
 
@@ -21,7 +21,9 @@ log = logging.getLogger("kvstore.store")
 class Placement(Encoding):
     """Writing chunks into a tier, making room by eviction."""
 
-    async def _write(self, tier: Tier, chunks: list[_Encoded], *, retry_full: bool = True) -> int:
+    async def _write(
+        self, tier: Tier, chunks: list[EncodedChunk], *, retry_full: bool = True
+    ) -> int:
         """Put chunks into ``tier``, evicting to make room; the number written.
 
         Room is each chunk's footprint in the tier; a chunk over the driver's
@@ -34,7 +36,7 @@ class Placement(Encoding):
         if not chunks:
             return 0
         largest = tier.driver.capabilities.max_value_bytes
-        fitting: list[_Encoded] = []
+        fitting: list[EncodedChunk] = []
         for chunk in chunks:
             too_large = largest is not None and len(chunk.view) > largest
             if not too_large and await self._reserve(tier, tier.footprint(len(chunk.view))):
@@ -134,11 +136,11 @@ class Placement(Encoding):
         except KVStoreError:
             values = [None] * len(keys)
         chunks = [
-            _Encoded(key, memoryview(value), tier.codecs, None, self._pool)
+            EncodedChunk(key, memoryview(value), tier.codecs, None, self._pool)
             for key, value in zip(keys, values)
             if value is not None
         ]
-        recoded: list[_Encoded] = []
+        recoded: list[EncodedChunk] = []
         for chunk in chunks:
             try:
                 recoded.append(await self._recode(chunk, below.codecs))

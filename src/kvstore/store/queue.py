@@ -5,16 +5,16 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 
-from kvstore.store.encoded import _Encoded
+from kvstore.store.encoded import EncodedChunk
 
 
 @dataclass
-class _Job:
-    chunk: _Encoded
+class WriteJob:
+    chunk: EncodedChunk
     cost: int
 
 
-class _QueueBudget:
+class QueueBudget:
     """Bytes of background writes in flight, bounded; ``block`` waits, ``drop`` refuses."""
 
     def __init__(self, limit: int) -> None:

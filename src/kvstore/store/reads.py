@@ -28,14 +28,14 @@ from kvstore.metrics import timed
 from kvstore.results import (
     RetrieveResult,
 )
-from kvstore.store.encoded import _Encoded
+from kvstore.store.encoded import EncodedChunk
 from kvstore.store.writes import WritePipeline
 from kvstore.tier import Tier
 
 log = logging.getLogger("kvstore.store")
 
 
-class _Reads:
+class BatchReads:
     """Where the values read for one batch live: pooled buffers and borrowed
     views, released together once the batch is decoded. ``failed``: the read
     call failed, so its misses say nothing of what the tier holds."""
@@ -98,12 +98,12 @@ class ReadPipeline(WritePipeline):
         sources: list[str] = []
         batches = self._batches(located)
         fetches: list[asyncio.Task[list[memoryview | None]]] = []
-        reads: list[_Reads] = []
+        reads: list[BatchReads] = []
         try:
             for batch_no, (position, indices) in enumerate(batches):
                 while len(fetches) < min(batch_no + 1 + self.config.read_ahead, len(batches)):
                     tier_at, next_indices = batches[len(fetches)]
-                    reads.append(_Reads(self._pool))
+                    reads.append(BatchReads(self._pool))
                     fetches.append(
                         asyncio.ensure_future(
                             self._fetch(
@@ -182,7 +182,9 @@ class ReadPipeline(WritePipeline):
                 batches.append((position, [i]))
         return batches
 
-    async def _fetch(self, tier: Tier, keys: list[bytes], reads: _Reads) -> list[memoryview | None]:
+    async def _fetch(
+        self, tier: Tier, keys: list[bytes], reads: BatchReads
+    ) -> list[memoryview | None]:
         """Read ``keys`` from ``tier``: borrowed views where the driver lends them,
         else ``get_many`` into pooled buffers; ``None`` for misses and failures."""
         values: list[memoryview | None] = [None] * len(keys)
@@ -276,7 +278,7 @@ class ReadPipeline(WritePipeline):
                 tier.shared and (await self._contains(tier, [key]))[0]
             ):
                 continue
-            reads = _Reads(self._pool)
+            reads = BatchReads(self._pool)
             try:
                 (value,) = await self._fetch(tier, [key], reads)
                 if value is not None and await self._decode_into(tier, key, value, out):
@@ -295,5 +297,5 @@ class ReadPipeline(WritePipeline):
             return
         buffer = self._pool.acquire(len(value))
         buffer[: len(value)].numpy()[:] = value
-        chunk = _Encoded(key, byte_view(buffer)[: len(value)], codecs, buffer, self._pool)
+        chunk = EncodedChunk(key, byte_view(buffer)[: len(value)], codecs, buffer, self._pool)
         await self._enqueue(self.tiers[0], chunk)

@@ -19,9 +19,9 @@ from kvstore.metrics import timed
 from kvstore.results import (
     StoreResult,
 )
-from kvstore.store.encoded import _Encoded
+from kvstore.store.encoded import EncodedChunk
 from kvstore.store.placement import Placement
-from kvstore.store.queue import _Job
+from kvstore.store.queue import WriteJob
 from kvstore.tier import Tier
 
 
@@ -83,7 +83,7 @@ class WritePipeline(Placement):
         per_batch = max(1, self.config.io_batch_bytes // self.layout.nbytes(self.chunk_tokens))
         batches = [fresh[start : start + per_batch] for start in range(0, len(fresh), per_batch)]
 
-        def encode(batch: list[int]) -> asyncio.Future[list[_Encoded]]:
+        def encode(batch: list[int]) -> asyncio.Future[list[EncodedChunk]]:
             return asyncio.gather(*(self._encode(keys[i], chunks[i], first.codecs) for i in batch))
 
         written = 0
@@ -105,7 +105,7 @@ class WritePipeline(Placement):
             failed=len(fresh) - written,
         )
 
-    async def _write_through(self, chunks: list[_Encoded]) -> None:
+    async def _write_through(self, chunks: list[EncodedChunk]) -> None:
         """Queue chunks for every lower tier reached through write-through tiers."""
         for tier in self.tiers[1:]:
             if self.tiers[tier.position - 1].config.write_policy != "write-through":
@@ -113,16 +113,16 @@ class WritePipeline(Placement):
             for chunk in chunks:
                 await self._enqueue(tier, chunk.retain())
 
-    async def _enqueue(self, tier: Tier, chunk: _Encoded) -> None:
+    async def _enqueue(self, tier: Tier, chunk: EncodedChunk) -> None:
         cost = len(chunk.view)
         wait = self.config.on_queue_full == "block"
         if tier.down is None and await self._budget.acquire(cost, wait=wait):
-            self._queues[tier.position].put_nowait(_Job(chunk, cost))
+            self._queues[tier.position].put_nowait(WriteJob(chunk, cost))
         else:
             tier.stats.dropped_writes += 1
             chunk.release()
 
-    async def _writer(self, tier: Tier, queue: asyncio.Queue[_Job]) -> None:
+    async def _writer(self, tier: Tier, queue: asyncio.Queue[WriteJob]) -> None:
         """Drain background writes to ``tier`` in batches."""
         while True:
             jobs = [await queue.get()]
