@@ -14,13 +14,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import blake3
 import numpy as np
 import numpy.typing as npt
 import torch
 
-from kvstore.errors import InvalidArgumentError
+from kvstore.errors import InvalidArgumentError, InvalidKeyError
 from kvstore.layout import KVLayout
 
 KEY_SPEC_VERSION = 1
@@ -134,6 +135,10 @@ STORAGE_KEY_BYTES = 2 * TAG_BYTES + KEY_BYTES
 """A storage key: tenant tag, namespace tag, chunk key (docs/key-spec.md)."""
 NAMED_CHUNK_TAG = b"kvstore-named-chunk-v1\n"
 
+Scope = Literal["namespace", "tenant", "all"]
+"""Which stored chunks a tier-wide operation touches: this store's namespace, every
+namespace of its tenant, or everything in the tiers, whoever wrote it."""
+
 
 def tenant_tag(tenant: str) -> bytes:
     """The tag of a tenant's storage keys; without the salt it cannot be computed."""
@@ -153,3 +158,34 @@ def storage_prefix(namespace: Namespace) -> bytes:
 def chunk_key_of(storage_key: bytes) -> bytes:
     """The chunk key a storage key ends with: the key a chunk's header carries."""
     return storage_key[-KEY_BYTES:]
+
+
+def named_chunk_key(namespace_digest: bytes, name: bytes) -> bytes:
+    """The chunk key of a chunk an engine names itself (SGLang's page hashes)
+    instead of by tokens: ``blake3(namespace digest || b"kvstore-named-chunk-v1\\n"
+    || name)``. The engine's naming must make equal names mean equal KV within
+    the namespace."""
+    if type(name) is not bytes or not name:
+        raise InvalidKeyError(f"chunk names are non-empty bytes, got {name!r}")
+    hasher = blake3.blake3(namespace_digest)
+    hasher.update(NAMED_CHUNK_TAG)
+    hasher.update(name)
+    return hasher.digest()
+
+
+def default_scope(namespace: Namespace) -> Scope:
+    """``tenant`` for a namespace with a tenant salt (so one tenant never touches
+    another's chunks), else ``all``."""
+    return "tenant" if namespace.tenant else "all"
+
+
+def scope_prefix(namespace_prefix: bytes, scope: Scope) -> bytes:
+    """What the storage keys of ``scope`` start with, for the namespace whose
+    storage keys start with ``namespace_prefix``."""
+    if scope == "namespace":
+        return namespace_prefix
+    if scope == "tenant":
+        return namespace_prefix[:TAG_BYTES]
+    if scope == "all":
+        return b""
+    raise InvalidArgumentError(f"scope must be namespace, tenant or all, got {scope!r}")

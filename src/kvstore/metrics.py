@@ -34,7 +34,6 @@ from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamil
 
 if TYPE_CHECKING:
     from kvstore.results import StoreStats
-    from kvstore.tier import Tier
 
 log = logging.getLogger("kvstore.metrics")
 P = ParamSpec("P")
@@ -130,6 +129,13 @@ class OperationTimings:
         self._children = {}
 
 
+class TimedTier(Protocol):
+    """What a store's metrics need of each of its tiers."""
+
+    name: str
+    timings: OperationTimings
+
+
 class StoreMetrics:
     """The series of one open store, labelled ``store=<label>``.
 
@@ -141,7 +147,7 @@ class StoreMetrics:
     def __init__(
         self,
         name: str,
-        tiers: Sequence[Tier],
+        tiers: Sequence[TimedTier],
         *,
         chunk_tokens: int,
         queue_limit: int,

@@ -2,17 +2,44 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
 
 import torch
 
-from kvstore.tier import TierSnapshot
+from kvstore.keys import Scope
 
-Scope = Literal["namespace", "tenant", "all"]
-"""Which stored chunks a tier-wide operation touches: this store's namespace, every
-namespace of its tenant, or everything in the tiers, whoever wrote it."""
+
+@dataclass
+class TierStats:
+    """Counters of one tier since the store opened."""
+
+    hits: int = 0
+    misses: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    chunks_written: int = 0
+    evictions: int = 0
+    integrity_failures: int = 0
+    dropped_writes: int = 0
+    dropped_writebacks: int = 0
+    internal_errors: int = 0
+    errors: Counter[str] = field(default_factory=Counter)
+
+
+@dataclass(frozen=True)
+class TierSnapshot:
+    """What ``stats()`` reports of one tier."""
+
+    name: str
+    url: str
+    entries: int
+    used_bytes: int
+    capacity_bytes: int
+    pinned: int
+    up: bool
+    stats: TierStats
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,6 @@ import logging
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from kvstore.codecs import Codec, KeyRing, TensorCodec, codec_stack, lossy_spec, stack_spec
@@ -19,6 +18,7 @@ from kvstore.errors import ConfigError, DriverTimeoutError, InternalError, KVSto
 from kvstore.eviction import POLICIES, EvictionPolicy
 from kvstore.metrics import OperationTimings
 from kvstore.offline import OfflineDriver
+from kvstore.results import TierSnapshot, TierStats
 
 if TYPE_CHECKING:
     from kvstore.keys import Namespace
@@ -30,37 +30,6 @@ FULL_HOLD_S = 30.0
 """How long a tier whose driver said it was full below ``capacity`` (a disk or a
 quota that filled up) is held to what it held then, before the store tries to
 fill it to ``capacity`` again."""
-
-
-@dataclass
-class TierStats:
-    """Counters of one tier since the store opened."""
-
-    hits: int = 0
-    misses: int = 0
-    bytes_read: int = 0
-    bytes_written: int = 0
-    chunks_written: int = 0
-    evictions: int = 0
-    integrity_failures: int = 0
-    dropped_writes: int = 0
-    dropped_writebacks: int = 0
-    internal_errors: int = 0
-    errors: Counter[str] = field(default_factory=Counter)
-
-
-@dataclass(frozen=True)
-class TierSnapshot:
-    """What ``stats()`` reports of one tier."""
-
-    name: str
-    url: str
-    entries: int
-    used_bytes: int
-    capacity_bytes: int
-    pinned: int
-    up: bool
-    stats: TierStats
 
 
 class Tier:

@@ -27,9 +27,8 @@ from kvstore.demo.presets import PRESETS
 from kvstore.demo.workload import CLASSES, DOC_NEXT, Workload, build_workload
 from kvstore.errors import InvalidArgumentError
 from kvstore.layout import KVLayout
-from kvstore.results import StoreStats
+from kvstore.results import StoreStats, TierSnapshot
 from kvstore.sizes import format_size, human_size
-from kvstore.tier import TierSnapshot
 
 
 @dataclass(frozen=True)

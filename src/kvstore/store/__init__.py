@@ -15,13 +15,13 @@ All state lives on one event loop: use ``AsyncKVStore`` from async code, or
 
 from __future__ import annotations
 
+from kvstore.keys import Scope
 from kvstore.results import (
     CompressResult,
     LookupResult,
     MoveResult,
     Progress,
     RetrieveResult,
-    Scope,
     ScopeCounters,
     ScopeStats,
     ScopeTierUsage,

@@ -10,15 +10,16 @@ from kvstore.errors import (
     KVStoreError,
 )
 from kvstore.keys import (
-    TAG_BYTES,
+    Scope,
     TokenIds,
+    default_scope,
+    scope_prefix,
 )
 from kvstore.results import (
     CompressResult,
     MoveResult,
     Progress,
     ProgressCallback,
-    Scope,
 )
 from kvstore.store.encoded import EncodedChunk
 from kvstore.store.reads import ReadPipeline
@@ -55,22 +56,12 @@ class AdminOperations(ReadPipeline):
     """clear, move and compress, by tokens or by scope."""
 
     def _resolve(self, scope: Scope | None) -> Scope:
-        """``scope``, or the default: ``tenant`` for a store with a tenant salt (so
-        one tenant never touches another's chunks), else ``all``."""
-        if scope is None:
-            return "tenant" if self.namespace.tenant else "all"
-        return scope
+        """``scope``, or the namespace's default (``keys.default_scope``)."""
+        return default_scope(self.namespace) if scope is None else scope
 
     def _scope_prefix(self, scope: Scope | None) -> bytes:
         """What the storage keys of ``scope`` start with."""
-        scope = self._resolve(scope)
-        if scope == "namespace":
-            return self._prefix
-        if scope == "tenant":
-            return self._prefix[:TAG_BYTES]
-        if scope == "all":
-            return b""
-        raise InvalidArgumentError(f"scope must be namespace, tenant or all, got {scope!r}")
+        return scope_prefix(self._prefix, self._resolve(scope))
 
     async def _held(self, tier: Tier, prefix: bytes) -> dict[bytes, int]:
         """Every key ``tier`` holds that starts with ``prefix``, with its size:
@@ -89,13 +80,11 @@ class AdminOperations(ReadPipeline):
         if tokens is None:
             return await self._held(tier, self._scope_prefix(scope))
         keys = self.keys(tokens)
-        held = {key: tier.index.size_of(key) for key in keys}
-        missing = [key for key, size in held.items() if size is None]
-        if tier.shared and missing:
-            for key, hit in zip(missing, await self._contains(tier, missing)):
-                if hit:
-                    held[key] = self._chunk_size
-        return {key: size for key, size in held.items() if size is not None}
+        return {
+            key: tier.index.size_of(key) or self._chunk_size
+            for key, there in zip(keys, await self._in_tier(tier, keys))
+            if there
+        }
 
     def _batched(self, held: dict[bytes, int]) -> list[list[bytes]]:
         """Keys in batches of at most ``io_batch_bytes`` (one key at least)."""

@@ -185,15 +185,7 @@ class AsyncKVStore(HealthReports):
     @timed("contains")
     async def contains(self, tokens: TokenIds) -> list[bool]:
         """For each whole chunk of ``tokens``: is it held by any tier?"""
-        keys = self.keys(tokens)
-        found = [any(key in tier.index for tier in self.tiers) for key in keys]
-        for tier in self.tiers:
-            missing = [i for i, hit in enumerate(found) if not hit]
-            if tier.shared and missing:
-                answers = await self._contains(tier, [keys[i] for i in missing])
-                for i, hit in zip(missing, answers):
-                    found[i] = hit
-        return found
+        return [where is not None for where in await self._where(self.keys(tokens))]
 
     async def close(self) -> None:
         """Finish background writes, then close every driver (a view: nothing)."""

@@ -11,6 +11,7 @@ from kvstore.config import StoreConfig
 from kvstore.driver import Driver
 from kvstore.keys import (
     Namespace,
+    Scope,
     TokenIds,
 )
 from kvstore.results import (
@@ -18,7 +19,6 @@ from kvstore.results import (
     LookupResult,
     MoveResult,
     RetrieveResult,
-    Scope,
     ScopeStats,
     StoreResult,
     StoreStats,

@@ -9,7 +9,6 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-import blake3
 import torch
 from typing_extensions import Self
 
@@ -25,12 +24,12 @@ from kvstore.errors import (
     NotFoundError,
 )
 from kvstore.keys import (
-    NAMED_CHUNK_TAG,
     STORAGE_KEY_BYTES,
     TAG_BYTES,
     Namespace,
     TokenIds,
     chunk_keys,
+    named_chunk_key,
     storage_prefix,
 )
 from kvstore.layout import KVLayout
@@ -112,19 +111,8 @@ class StoreState:
 
     def named_keys(self, names: Sequence[bytes]) -> list[bytes]:
         """Storage keys of chunks an engine names itself (SGLang's page hashes)
-        instead of by tokens: this namespace's prefix, then ``blake3(namespace
-        digest || b"kvstore-named-chunk-v1\\n" || name)``. The engine's naming must
-        make equal names mean equal KV within the namespace."""
-        prefix = self._prefix
-        keys = []
-        for name in names:
-            if type(name) is not bytes or not name:
-                raise InvalidKeyError(f"chunk names are non-empty bytes, got {name!r}")
-            hasher = blake3.blake3(self._digest)
-            hasher.update(NAMED_CHUNK_TAG)
-            hasher.update(name)
-            keys.append(prefix + hasher.digest())
-        return keys
+        instead of by tokens: this namespace's prefix, then ``named_chunk_key``."""
+        return [self._prefix + named_chunk_key(self._digest, name) for name in names]
 
     def _own_keys(self, keys: Sequence[bytes]) -> list[bytes]:
         """``keys`` as a list, each checked to be a storage key of this namespace."""
@@ -139,6 +127,8 @@ class StoreState:
         return own
 
     async def _contains(self, tier: Tier, keys: list[bytes]) -> list[bool]:
+        """Ask a shared ``tier`` whether it holds ``keys``; a tier down or failing
+        answers no."""
         if tier.down is not None:
             tier.stats.misses += len(keys)
             return [False] * len(keys)
@@ -147,8 +137,19 @@ class StoreState:
         except KVStoreError:
             return [False] * len(keys)
 
-    async def _locate(self, keys: list[bytes]) -> list[int]:
-        """The fastest tier holding each chunk of the cached prefix."""
+    async def _in_tier(self, tier: Tier, keys: list[bytes]) -> list[bool]:
+        """Whether ``tier`` holds each of ``keys``: its index says so or, for a
+        shared tier (which others write to), the tier does when asked."""
+        held = [key in tier.index for key in keys]
+        missing = [i for i, hit in enumerate(held) if not hit]
+        if tier.shared and missing:
+            for i, hit in zip(missing, await self._contains(tier, [keys[i] for i in missing])):
+                held[i] = hit
+        return held
+
+    async def _where(self, keys: list[bytes]) -> list[int | None]:
+        """The position of the fastest tier holding each of ``keys``, or ``None``.
+        Every index is consulted before a shared tier is asked about what is left."""
         where: list[int | None] = [None] * len(keys)
         for tier in self.tiers:
             for i, key in enumerate(keys):
@@ -161,12 +162,20 @@ class StoreState:
                 for i, hit in zip(missing, answers):
                     if hit:
                         where[i] = tier.position
+        return where
+
+    async def _locate(self, keys: list[bytes]) -> list[int]:
+        """The fastest tier holding each chunk of the cached prefix."""
         prefix: list[int] = []
-        for position in where:
+        for position in await self._where(keys):
             if position is None:
                 break
             prefix.append(position)
         return prefix
+
+    def _chunks_per_batch(self) -> int:
+        """How many whole chunks of KV make one I/O batch (``io_batch_bytes``)."""
+        return max(1, self.config.io_batch_bytes // self.layout.nbytes(self.chunk_tokens))
 
     def _tier(self, name: str) -> Tier:
         for tier in self.tiers:

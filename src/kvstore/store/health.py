@@ -10,8 +10,8 @@ from kvstore.errors import (
     InvalidArgumentError,
     KVStoreError,
 )
+from kvstore.keys import Scope
 from kvstore.results import (
-    Scope,
     ScopeCounters,
     ScopeStats,
     ScopeTierUsage,

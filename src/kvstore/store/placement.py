@@ -156,8 +156,6 @@ class Placement(Encoding):
         """The ``keys`` ``tier`` does not hold: not in its index and, for a shared
         tier (whose index after open knows only this store's writes), not there
         when asked, so nothing another process or run wrote is written again."""
-        absent = [key for key in keys if key not in tier.index]
-        if not tier.shared or not absent or tier.down is not None:
-            return absent
-        held = await self._contains(tier, absent)
-        return [key for key, there in zip(absent, held) if not there]
+        if tier.down is not None:
+            return [key for key in keys if key not in tier.index]
+        return [key for key, there in zip(keys, await self._in_tier(tier, keys)) if not there]

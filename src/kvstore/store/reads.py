@@ -173,7 +173,7 @@ class ReadPipeline(WritePipeline):
 
     def _batches(self, located: list[int]) -> list[tuple[int, list[int]]]:
         """Consecutive chunks from the same tier, at most ``io_batch_bytes`` a batch."""
-        per_batch = max(1, self.config.io_batch_bytes // self.layout.nbytes(self.chunk_tokens))
+        per_batch = self._chunks_per_batch()
         batches: list[tuple[int, list[int]]] = []
         for i, position in enumerate(located):
             if batches and batches[-1][0] == position and len(batches[-1][1]) < per_batch:
@@ -274,9 +274,7 @@ class ReadPipeline(WritePipeline):
         for tier in self.tiers:
             if tier.position == failed:
                 continue
-            if key not in tier.index and not (
-                tier.shared and (await self._contains(tier, [key]))[0]
-            ):
+            if not (await self._in_tier(tier, [key]))[0]:
                 continue
             reads = BatchReads(self._pool)
             try:

@@ -80,7 +80,7 @@ class WritePipeline(Placement):
                 first.index.touch(key)
             else:
                 fresh.append(i)
-        per_batch = max(1, self.config.io_batch_bytes // self.layout.nbytes(self.chunk_tokens))
+        per_batch = self._chunks_per_batch()
         batches = [fresh[start : start + per_batch] for start in range(0, len(fresh), per_batch)]
 
         def encode(batch: list[int]) -> asyncio.Future[list[EncodedChunk]]:
