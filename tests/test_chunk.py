@@ -116,3 +116,11 @@ def test_bad_arguments() -> None:
         codec_stack("gzip")
     with pytest.raises(ConfigError):
         codec_stack("zstd:99")
+
+
+def test_the_dtype_table_agrees_with_torch() -> None:
+    from kvstore.dtypes import KV_DTYPES
+
+    assert len({dtype.code for dtype in KV_DTYPES}) == len(KV_DTYPES)
+    for dtype in KV_DTYPES:
+        assert getattr(torch, dtype.name).itemsize == dtype.itemsize, dtype.name

@@ -22,6 +22,7 @@ from typing_extensions import Buffer
 from kvstore.buffers import byte_view
 from kvstore.codecs import ByteCodec, ChunkContext, Codec, KeyRing, TensorCodec, codec_by_id
 from kvstore.codecs.base import check_order
+from kvstore.dtypes import DTYPE_CODES
 from kvstore.errors import ConfigError, IntegrityError, InvalidArgumentError
 from kvstore.layout import DTYPE_NAMES, DTYPES, KVLayout
 
@@ -35,15 +36,6 @@ FLAG_MLA = 1
 _FIXED = struct.Struct("<4sHHIBBBBQQ16s32s")
 _CHECKSUM = struct.Struct("<I")
 
-DTYPE_CODES: dict[str, int] = {
-    "float32": 1,
-    "float16": 2,
-    "bfloat16": 3,
-    "float8_e4m3fn": 4,
-    "float8_e5m2": 5,
-    "int8": 6,
-    "uint8": 7,
-}
 _DTYPE_BY_CODE = {code: name for name, code in DTYPE_CODES.items()}
 
 

@@ -13,19 +13,12 @@ from dataclasses import dataclass
 
 import torch
 
+from kvstore.dtypes import KV_DTYPES
 from kvstore.errors import InvalidArgumentError
 
 TOKEN_DIM = 2
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float8_e4m3fn": torch.float8_e4m3fn,
-    "float8_e5m2": torch.float8_e5m2,
-    "int8": torch.int8,
-    "uint8": torch.uint8,
-}
+DTYPES: dict[str, torch.dtype] = {dtype.name: getattr(torch, dtype.name) for dtype in KV_DTYPES}
 DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 

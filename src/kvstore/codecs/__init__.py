@@ -17,7 +17,6 @@ import functools
 from collections.abc import Callable, Sequence
 
 from kvstore.codecs.base import (
-    DTYPE_SIZES,
     ByteCodec,
     ChunkContext,
     Codec,
@@ -26,6 +25,7 @@ from kvstore.codecs.base import (
 )
 from kvstore.codecs.encrypt import DEFAULT_KEY_ID, ENV_KEY, ENV_KEYS, AesGcmCodec, KeyRing
 from kvstore.codecs.lossless import Lz4Codec, ShuffleCodec, ZstdCodec
+from kvstore.dtypes import DTYPE_SIZES
 from kvstore.errors import ConfigError, IntegrityError
 
 QUANTIZERS = ("int8", "fp8", "kivi8", "kivi4")

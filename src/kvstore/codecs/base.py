@@ -18,23 +18,13 @@ from typing import TYPE_CHECKING, ClassVar
 
 from typing_extensions import Buffer
 
+from kvstore.dtypes import DTYPE_SIZES
 from kvstore.errors import ConfigError
 
 if TYPE_CHECKING:
     import torch
 
     from kvstore.layout import KVLayout
-
-DTYPE_SIZES: dict[str, int] = {
-    "float32": 4,
-    "float16": 2,
-    "bfloat16": 2,
-    "float8_e4m3fn": 1,
-    "float8_e5m2": 1,
-    "int8": 1,
-    "uint8": 1,
-}
-"""Bytes per element of every dtype the chunk format names."""
 
 
 @dataclass(frozen=True)
