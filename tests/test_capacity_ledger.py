@@ -88,7 +88,7 @@ async def test_a_full_tier_evicts_by_footprint_and_keeps_caching(
     driver: str, request: pytest.FixtureRequest, tmp_path: Path
 ) -> None:
     url = TIER_URLS[driver](request, tmp_path)
-    tier_config = {"url": url, "capacity": TIER_CAPACITY, "timeout_s": 30}
+    tier_config = {"url": url, "max_bytes": TIER_CAPACITY, "timeout_s": 30}
     config = StoreConfig.parse({"tiers": [tier_config], "chunk_tokens": CHUNK})
     store = await AsyncKVStore.open(config, NAMESPACE)
     try:

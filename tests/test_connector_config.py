@@ -145,3 +145,13 @@ def test_the_configuration_reference_names_every_field() -> None:
     assert len(examples) == 5
     for example in examples:
         StoreConfig.parse(yaml.safe_load(example), source=example.splitlines()[0])
+
+
+def test_a_tiers_capacity_field_is_now_max_bytes() -> None:
+    """The 0.1 name of the tier ledger still works for one release, with a warning."""
+    with pytest.warns(DeprecationWarning, match="now called max_bytes"):
+        old = StoreConfig.from_urls({"url": CPU, "capacity": "2MiB"})
+    assert old.tiers[0].max_bytes == 2 << 20
+    assert old == StoreConfig.from_urls({"url": CPU, "max_bytes": "2MiB"})
+    with pytest.raises(ConfigError, match="not both"):
+        StoreConfig.from_urls({"url": CPU, "capacity": "2MiB", "max_bytes": "2MiB"})

@@ -125,7 +125,7 @@ async def test_pin_expires_at_its_deadline() -> None:
     chunk_room = 256 << 10  # a chunk of LAYOUT takes one page of the cpu arena
     clock = ManualClock()
     store = await AsyncKVStore.open(
-        config({"url": "cpu://?capacity=16MiB", "capacity": 3 * chunk_room}),
+        config({"url": "cpu://?capacity=16MiB", "max_bytes": 3 * chunk_room}),
         NAMESPACE,
         clock=clock,
     )

@@ -435,7 +435,7 @@ def killable_url(killable_server: MotoServer) -> str:
 async def test_store_serves_from_cpu_while_the_server_is_dead(
     killable_server: MotoServer, killable_url: str, s3_first: bool
 ) -> None:
-    s3 = {"url": killable_url, "capacity": "64MiB", "timeout_s": 10}
+    s3 = {"url": killable_url, "max_bytes": "64MiB", "timeout_s": 10}
     cpu = "cpu://?capacity=16MiB"
     tiers = [s3, cpu] if s3_first else [cpu, s3]
     config = StoreConfig.parse({"tiers": tiers, "chunk_tokens": CHUNK})

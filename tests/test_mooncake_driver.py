@@ -262,7 +262,7 @@ def _prompt(seed: int, tokens: int) -> tuple[list[int], torch.Tensor]:
 
 
 async def _two_tier_store(master: MooncakeMaster, *, mooncake_first: bool) -> AsyncKVStore:
-    mooncake = {"url": master.url(prefix=prefix()), "capacity": "64MiB", "timeout_s": 20}
+    mooncake = {"url": master.url(prefix=prefix()), "max_bytes": "64MiB", "timeout_s": 20}
     cpu = {"url": "cpu://?capacity=16MiB"}
     tiers = [mooncake, cpu] if mooncake_first else [cpu, mooncake]
     config = StoreConfig.parse({"tiers": tiers, "chunk_tokens": CHUNK})

@@ -541,7 +541,7 @@ def prompt(seed: int, tokens: int) -> tuple[list[int], torch.Tensor]:
 
 @pytest.fixture
 async def cpu_over_redis(own_server: RedisServer) -> AsyncIterator[AsyncKVStore]:
-    redis_tier = {"url": own_server.url("timeout=1&connect_timeout=1"), "capacity": "64MiB"}
+    redis_tier = {"url": own_server.url("timeout=1&connect_timeout=1"), "max_bytes": "64MiB"}
     config = StoreConfig.parse(
         {"tiers": ["cpu://?capacity=16MiB", {**redis_tier, "timeout_s": 5}], "chunk_tokens": CHUNK}
     )
@@ -577,7 +577,7 @@ async def test_store_serves_from_cpu_while_redis_is_dead_then_reconnects(
 
 
 async def test_store_with_redis_first_falls_back_to_cpu(own_server: RedisServer) -> None:
-    redis_tier = {"url": own_server.url("timeout=1&connect_timeout=1"), "capacity": "64MiB"}
+    redis_tier = {"url": own_server.url("timeout=1&connect_timeout=1"), "max_bytes": "64MiB"}
     config = StoreConfig.parse(
         {"tiers": [{**redis_tier, "timeout_s": 5}, "cpu://?capacity=16MiB"], "chunk_tokens": CHUNK}
     )

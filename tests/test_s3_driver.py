@@ -361,7 +361,7 @@ async def test_kill_restart_and_the_same_driver_recovers(own_server: MotoS3Serve
     cpu = await open_driver("cpu://?capacity=16MiB")
     config = StoreConfig.parse(
         {
-            "tiers": [{"url": url, "capacity": "64MiB", "timeout_s": 20}, "cpu://?capacity=16MiB"],
+            "tiers": [{"url": url, "max_bytes": "64MiB", "timeout_s": 20}, "cpu://?capacity=16MiB"],
             "chunk_tokens": CHUNK,
         }
     )

@@ -340,7 +340,7 @@ def redis_tiers(redis_server: RedisServer, tmp_path: Path) -> Path:
     with redis_server.client() as client:
         client.flushall()
     path = tmp_path / "kvstore.yaml"
-    tiers = [{"url": "cpu://?capacity=4MiB"}, {"url": redis_server.url(), "capacity": "64MiB"}]
+    tiers = [{"url": "cpu://?capacity=4MiB"}, {"url": redis_server.url(), "max_bytes": "64MiB"}]
     path.write_text(yaml.safe_dump({"tiers": tiers}))
     return path
 

@@ -16,11 +16,18 @@ import torch
 from kvstore.config import StoreConfig
 from kvstore.conformance.faults import FaultPlan, FaultyDriver
 from kvstore.drivers.cpu.pages import pages_for
-from kvstore.errors import ConfigError, IntegrityError, InvalidArgumentError, TransientError
+from kvstore.errors import (
+    ClosedError,
+    ConfigError,
+    IntegrityError,
+    InvalidArgumentError,
+    StoreClosedError,
+    TransientError,
+)
 from kvstore.keys import Namespace
 from kvstore.layout import KVLayout
 from kvstore.registry import open_driver
-from kvstore.store import AsyncKVStore, KVStore
+from kvstore.store import AsyncKVStore, ChunkTiers, KVStore, open_store
 from kvstore.sync import shared_loop
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=32)
@@ -105,7 +112,7 @@ async def test_write_through_then_promotion(two_tiers: AsyncKVStore) -> None:
 
 async def test_lru_eviction_and_pins(tmp_path: Path) -> None:
     store = await AsyncKVStore.open(
-        config({"url": "cpu://?capacity=16MiB", "capacity": 4 * CHUNK_ROOM}), NAMESPACE
+        config({"url": "cpu://?capacity=16MiB", "max_bytes": 4 * CHUNK_ROOM}), NAMESPACE
     )
     try:
         first, kv_first = prompt(4, 2 * CHUNK)
@@ -127,7 +134,7 @@ async def test_lru_eviction_and_pins(tmp_path: Path) -> None:
 
 async def test_tier_full_of_pins_refuses_writes() -> None:
     store = await AsyncKVStore.open(
-        config({"url": "cpu://?capacity=16MiB", "capacity": 2 * CHUNK_ROOM}), NAMESPACE
+        config({"url": "cpu://?capacity=16MiB", "max_bytes": 2 * CHUNK_ROOM}), NAMESPACE
     )
     try:
         ids, kv = prompt(14, 2 * CHUNK)
@@ -143,7 +150,7 @@ async def test_tier_full_of_pins_refuses_writes() -> None:
 
 async def test_write_back_hands_down_on_eviction(tmp_path: Path) -> None:
     tiers = (
-        {"url": "cpu://?capacity=16MiB", "capacity": 2 * CHUNK_ROOM, "write_policy": "write-back"},
+        {"url": "cpu://?capacity=16MiB", "max_bytes": 2 * CHUNK_ROOM, "write_policy": "write-back"},
         f"nvme://{tmp_path}?capacity=16MiB",
     )
     store = await AsyncKVStore.open(config(*tiers), NAMESPACE)
@@ -248,11 +255,11 @@ def test_yaml_config(tmp_path: Path) -> None:
     path = tmp_path / "store.yaml"
     path.write_text(
         "chunk_tokens: 16\ntiers:\n  - cpu://?capacity=1GiB\n"
-        f"  - url: nvme://{tmp_path}/kv\n    capacity: 2GiB\n    codecs: lz4\n"
+        f"  - url: nvme://{tmp_path}/kv\n    max_bytes: 2GiB\n    codecs: lz4\n"
     )
     parsed = StoreConfig.from_yaml(path)
     assert parsed.tiers[0].url == "cpu://?capacity=1GiB"
-    assert parsed.tiers[1].capacity == 2 << 30 and parsed.tiers[1].codecs == "lz4"
+    assert parsed.tiers[1].max_bytes == 2 << 30 and parsed.tiers[1].codecs == "lz4"
 
 
 # ------------------------------------------------------------------ fault tolerance
@@ -379,7 +386,7 @@ async def test_chunks_on_loan_keep_their_room(tmp_path: Path, dropped_by: str) -
         await open_driver(f"nvme://{tmp_path}?capacity=64MiB"), FaultPlan(probability=0.0)
     )
     assert isinstance(nvme, HeldReads)
-    cfg = config({"url": cpu.config.to_url(), "capacity": arena}, f"nvme://{tmp_path}")
+    cfg = config({"url": cpu.config.to_url(), "max_bytes": arena}, f"nvme://{tmp_path}")
     store = await AsyncKVStore.open(cfg, NAMESPACE, drivers=[cpu, nvme])
     first, second = store.tiers
     try:
@@ -419,7 +426,7 @@ async def test_concurrent_reads_and_writes_fit_an_arena_sized_to_the_tier(tmp_pa
     cfg = config(
         {
             "url": f"cpu://?capacity={arena}&page_size={page}&pin=none",
-            "capacity": arena,
+            "max_bytes": arena,
         },
         f"nvme://{tmp_path}?capacity=64MiB",
         io_batch_bytes=2 * CHUNK_BYTES,
@@ -515,3 +522,35 @@ async def test_mla_layout_round_trip() -> None:
         assert torch.equal(loaded.kv, kv)
     finally:
         await store.close()
+
+
+def test_results_count_tokens_and_a_closed_store_says_so(tmp_path: Path) -> None:
+    """``open_store`` takes any config form; ``StoreConfig.namespace`` agrees with
+    the config; results count tokens; a closed store raises ``StoreClosedError``."""
+    forms: list[Any] = [
+        "cpu://?capacity=16MiB",
+        ["cpu://?capacity=16MiB"],
+        {"tiers": ["cpu://?capacity=16MiB"], "chunk_tokens": CHUNK, "tenant": "t"},
+    ]
+    for form in forms:
+        chosen = StoreConfig.load(form)
+        namespace = chosen.namespace(model="m", revision="r", layout=LAYOUT)
+        assert (namespace.chunk_tokens, namespace.tenant) == (chosen.chunk_tokens, chosen.tenant)
+        assert namespace.codec == chosen.lossy_codec == "raw"
+        store = open_store(form, namespace)
+        ids, kv = prompt(40, 2 * namespace.chunk_tokens)
+        result = store.store(ids, kv)
+        assert (result.tokens, result.written_tokens) == (len(ids), len(ids))
+        assert result.cached_tokens == result.failed_tokens == 0
+        keys = store.keys(ids)
+        located = store.locate(keys)
+        assert isinstance(located, ChunkTiers) and located == ("0:cpu", "0:cpu")
+        assert (located.chunks, located.tokens) == (2, len(ids))
+        outs = [torch.empty_like(kv[:, :, : namespace.chunk_tokens]) for _ in keys]
+        loaded = store.retrieve_chunks(keys, outs)
+        assert loaded == located and loaded.tokens == len(ids)
+        store.close()
+        with pytest.raises(StoreClosedError) as closed:
+            store.store(ids, kv)
+        assert isinstance(closed.value, ClosedError)
+        assert isinstance(closed.value, InvalidArgumentError)  # what 0.1 raised

@@ -83,7 +83,7 @@ async def check_paused_tier(
     is not asked again while a call it abandoned still runs, never writes the
     caller's out afterwards, and counts the write that lands late."""
     store = await AsyncKVStore.open(
-        config({"url": url, "capacity": "64MiB", "timeout_s": TIMEOUT_S}), NAMESPACE
+        config({"url": url, "max_bytes": "64MiB", "timeout_s": TIMEOUT_S}), NAMESPACE
     )
     try:
         ids, kv = prompt(0, 4 * CHUNK)
@@ -136,7 +136,7 @@ async def test_a_paused_s3_server_costs_a_call_at_most_its_timeout() -> None:
 
 async def test_a_tier_down_at_open_is_degraded_then_comes_back(tmp_path: Path) -> None:
     server = RedisServer(tmp_path / "late")  # not started yet: its port refuses connections
-    lower = {"url": server.url(f"{prefix()}&connect_timeout=0.5"), "capacity": "64MiB"}
+    lower = {"url": server.url(f"{prefix()}&connect_timeout=0.5"), "max_bytes": "64MiB"}
     store = await AsyncKVStore.open(config("cpu://?capacity=16MiB", lower), NAMESPACE)
     try:
         tier = store.tiers[1]
@@ -173,11 +173,11 @@ async def test_a_tier_down_at_open_is_degraded_then_comes_back(tmp_path: Path) -
 
 async def test_a_required_or_first_tier_that_is_down_fails_the_open(tmp_path: Path) -> None:
     url = RedisServer(tmp_path / "never").url("connect_timeout=0.5")
-    required = {"url": url, "capacity": "64MiB", "required": True}
+    required = {"url": url, "max_bytes": "64MiB", "required": True}
     with pytest.raises(DriverUnavailableError):
         await AsyncKVStore.open(config("cpu://?capacity=16MiB", required), NAMESPACE)
     with pytest.raises(DriverUnavailableError):
-        await AsyncKVStore.open(config({"url": url, "capacity": "64MiB"}), NAMESPACE)
+        await AsyncKVStore.open(config({"url": url, "max_bytes": "64MiB"}), NAMESPACE)
 
 
 # ------------------------------------------------------------- shared tiers
@@ -188,7 +188,7 @@ async def test_a_restarted_store_does_not_rewrite_what_a_shared_tier_holds(
 ) -> None:
     """Each run is a fresh store over the same Redis, as a restarted or second engine
     would be: its index of the shared tier starts empty."""
-    tiers = ("cpu://?capacity=16MiB", {"url": redis_server.url(prefix()), "capacity": "64MiB"})
+    tiers = ("cpu://?capacity=16MiB", {"url": redis_server.url(prefix()), "max_bytes": "64MiB"})
     prompts = [prompt(10 + seed, 8 * CHUNK) for seed in range(4)]
     total = 4 * 8 * CHUNK
     put: list[int] = []
@@ -260,7 +260,7 @@ async def test_write_back_chunks_that_cannot_be_handed_down_are_counted(tmp_path
         nvme, FaultPlan(action="error", operations=frozenset({"put_many"}))
     )
     cpu = await open_driver("cpu://?capacity=16MiB")
-    upper = {"url": "cpu://?capacity=16MiB", "capacity": 4 * cpu.footprint(CHUNK_BYTES)}
+    upper = {"url": "cpu://?capacity=16MiB", "max_bytes": 4 * cpu.footprint(CHUNK_BYTES)}
     store = await AsyncKVStore.open(
         config({**upper, "write_policy": "write-back"}, f"nvme://{tmp_path}/refusing"),
         NAMESPACE,

@@ -58,7 +58,7 @@ async def open_tenant(salt: str, root: str) -> tuple[AsyncKVStore, FaultyDriver]
             "tenant": salt,
             "tiers": [
                 {"url": "cpu://?capacity=16MiB", "name": "cpu"},
-                {"url": "fsspec+memory://", "name": "shared", "capacity": 64 << 20},
+                {"url": "fsspec+memory://", "name": "shared", "max_bytes": 64 << 20},
             ],
         }
     )

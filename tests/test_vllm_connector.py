@@ -344,7 +344,7 @@ def engines(
         ],
     }
     if redis_url is not None:
-        remote = {"url": redis_url, "capacity": "256MiB"}
+        remote = {"url": redis_url, "max_bytes": "256MiB"}
         plan["steps"] += [
             {
                 "engine": {"kv": _kv_config("kv_producer", [remote])},

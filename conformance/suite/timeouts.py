@@ -158,7 +158,7 @@ class TimeoutTests(DriverTestBase):
                 "tiers": [
                     {
                         "url": harness.config.to_url(),
-                        "capacity": min(capacity or 1 << 30, 64 * chunk_bytes),
+                        "max_bytes": min(capacity or 1 << 30, 64 * chunk_bytes),
                         "timeout_s": TIMEOUT_S,
                     }
                 ],

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from kvstore.driver import Capabilities, Driver, KeyEntry, Usage
     from kvstore.errors import (
         CapacityError,
+        ClosedError,
         ConfigError,
         DriverClosedError,
         DriverLoadError,
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
         KVStoreError,
         NotFoundError,
         NotSupportedError,
+        StoreClosedError,
         TransientError,
     )
     from kvstore.keys import Namespace, chunk_keys
@@ -47,6 +49,8 @@ _HOMES = {
     "KeyEntry": "kvstore.driver",
     "Usage": "kvstore.driver",
     "CapacityError": "kvstore.errors",
+    "ClosedError": "kvstore.errors",
+    "StoreClosedError": "kvstore.errors",
     "ConfigError": "kvstore.errors",
     "DriverClosedError": "kvstore.errors",
     "DriverLoadError": "kvstore.errors",
@@ -82,6 +86,7 @@ __all__ = [
     "AsyncKVStore",
     "Capabilities",
     "CapacityError",
+    "ClosedError",
     "ConfigError",
     "Driver",
     "DriverClosedError",
@@ -103,6 +108,7 @@ __all__ = [
     "NotFoundError",
     "NotSupportedError",
     "RetrieveResult",
+    "StoreClosedError",
     "StoreConfig",
     "StoreResult",
     "StoreStats",

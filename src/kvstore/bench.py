@@ -442,7 +442,7 @@ def measure(
             TierConfig(
                 url=url,
                 verify=verify,
-                capacity=2 * workload.chunks * workload.encoded_bytes if remote else None,
+                max_bytes=2 * workload.chunks * workload.encoded_bytes if remote else None,
             )
         ],
         chunk_tokens=CHUNK_TOKENS,

@@ -12,9 +12,10 @@ tier::
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping
+import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import (
@@ -33,12 +34,18 @@ from kvstore.errors import ConfigError
 from kvstore.eviction import POLICIES
 from kvstore.sizes import ByteSize
 
+if TYPE_CHECKING:
+    from kvstore.keys import Namespace
+    from kvstore.layout import KVLayout
+
 
 class TierConfig(BaseModel):
     """One tier: a driver URL plus how the store uses it.
 
-    capacity: bytes the store lets this tier hold (default: the driver's own
-        hard capacity; required for drivers without one).
+    max_bytes: bytes the store lets this tier hold, its ledger (default: the
+        driver's own hard capacity, the URL's ``capacity``; required for drivers
+        without one). ``capacity``, its name in 0.1, is still accepted for one
+        release, with a DeprecationWarning.
     eviction: which chunks go first when the tier is full (``lru``, ``fifo``).
     write_policy: how chunks reach the next tier down: ``write-through`` copies
         every stored chunk down in the background; ``write-back`` copies a chunk
@@ -61,13 +68,29 @@ class TierConfig(BaseModel):
 
     url: str
     name: str | None = None
-    capacity: ByteSize | None = None
+    max_bytes: ByteSize | None = None
     eviction: str = "lru"
     write_policy: Literal["write-through", "write-back"] = "write-through"
     codecs: str = "raw"
     verify: bool = True
     timeout_s: float = Field(default=30.0, gt=0)
     required: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_capacity_name(cls, value: Any) -> Any:
+        if isinstance(value, Mapping) and "capacity" in value:
+            if "max_bytes" in value:
+                raise ValueError("give max_bytes, not both max_bytes and its old name capacity")
+            warnings.warn(
+                "a tier's capacity field is now called max_bytes (the URL's capacity "
+                "option, a driver's own limit, keeps its name); capacity will be removed "
+                "in the next release",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            value = {("max_bytes" if k == "capacity" else k): v for k, v in value.items()}
+        return value
 
     @field_validator("eviction")
     @classmethod
@@ -265,3 +288,61 @@ class StoreConfig(BaseModel):
     def from_urls(cls, *tiers: str | dict[str, Any], **options: Any) -> StoreConfig:
         """A config from tier URLs (or tier mappings, for per-tier options), fastest first."""
         return cls.parse({"tiers": list(tiers), **options}, source="URLs")
+
+    @classmethod
+    def load(cls, source: object, *, option: str = "config") -> StoreConfig:
+        """The store config ``source`` names, in any form a connector or
+        ``open_store`` accepts (docs/configuration.md): a ``StoreConfig``; the
+        path of a YAML file; one tier URL; a list of tiers, fastest first (URLs
+        and/or tier mappings); or a whole config as a mapping with ``tiers``.
+        ``option`` names the setting it came from in the error a wrong form raises.
+        """
+        if isinstance(source, StoreConfig):
+            return source
+        if isinstance(source, Path) or (isinstance(source, str) and source and "://" not in source):
+            return cls.from_yaml(Path(source).expanduser())
+        if isinstance(source, str) and source:
+            return cls.from_urls(source)
+        if isinstance(source, Mapping) and "tiers" in source:
+            return cls.parse(dict(source), source=option)
+        if (
+            isinstance(source, Sequence)
+            and not isinstance(source, str)
+            and source
+            and all(isinstance(tier, str | Mapping) for tier in source)
+        ):
+            return cls.from_urls(
+                *(tier if isinstance(tier, str) else dict(tier) for tier in source)
+            )
+        raise ConfigError(
+            f"{option} must be a kvstore YAML path, a tier URL, a list of tiers (URLs or tier "
+            f"mappings) or a store config mapping with 'tiers', got {source!r}"
+        )
+
+    def namespace(
+        self,
+        *,
+        model: str,
+        revision: str,
+        layout: KVLayout,
+        tp_rank: int = 0,
+        tp_size: int = 1,
+    ) -> Namespace:
+        """The namespace to open a store with this config under: the chunk size,
+        tenant salt and lossy codec come from the config, so they agree with it."""
+        from kvstore.keys import Namespace  # torch-free until a namespace is made
+
+        return Namespace(
+            model=model,
+            revision=revision,
+            layout=layout,
+            chunk_tokens=self.chunk_tokens,
+            tp_rank=tp_rank,
+            tp_size=tp_size,
+            codec=self.lossy_codec,
+            tenant=self.tenant,
+        )
+
+
+ConfigSource = StoreConfig | str | Path | Sequence[str | Mapping[str, Any]] | Mapping[str, Any]
+"""Any form ``StoreConfig.load`` accepts."""

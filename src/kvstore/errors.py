@@ -56,10 +56,22 @@ class DriverUnavailableError(KVStoreError):
     retryable = True
 
 
-class DriverClosedError(DriverUnavailableError):
+class ClosedError(KVStoreError):
+    """A driver or a store was closed; it will not serve calls again."""
+
+
+class DriverClosedError(DriverUnavailableError, ClosedError):
     """The driver was closed; it will not serve calls again."""
 
     retryable = False
+
+
+class StoreClosedError(ClosedError, InvalidArgumentError):
+    """The store was closed; it will not serve calls again.
+
+    It is also an ``InvalidArgumentError``, what a closed store raised in 0.1,
+    for one release: catch ``ClosedError`` or ``StoreClosedError``.
+    """
 
 
 class TransientError(KVStoreError):
@@ -105,7 +117,9 @@ ALL_ERRORS: tuple[type[KVStoreError], ...] = (
     ConfigError,
     DriverLoadError,
     DriverUnavailableError,
+    ClosedError,
     DriverClosedError,
+    StoreClosedError,
     TransientError,
     DriverTimeoutError,
     NotSupportedError,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -65,12 +65,54 @@ class RetrieveResult:
 
 @dataclass(frozen=True)
 class StoreResult:
-    """What ``store`` did: whole chunks seen, newly written, already cached, not stored."""
+    """What ``store`` did: whole chunks seen, newly written, already cached, not
+    stored; the ``*_tokens`` properties count the same in tokens, as
+    ``LookupResult`` and ``RetrieveResult`` do."""
 
     chunks: int
     written: int
     already_cached: int
     failed: int
+    chunk_tokens: int
+
+    @property
+    def tokens(self) -> int:
+        """Tokens in the whole chunks seen."""
+        return self.chunks * self.chunk_tokens
+
+    @property
+    def written_tokens(self) -> int:
+        return self.written * self.chunk_tokens
+
+    @property
+    def cached_tokens(self) -> int:
+        """Tokens already cached before this call."""
+        return self.already_cached * self.chunk_tokens
+
+    @property
+    def failed_tokens(self) -> int:
+        return self.failed * self.chunk_tokens
+
+
+class ChunkTiers(tuple[str, ...]):
+    """The tier each chunk of a prefix is in (``locate``) or came from
+    (``retrieve_chunks``), fastest-first names, one per chunk; a tuple, as in
+    0.1, with the prefix's length in chunks and tokens."""
+
+    chunk_tokens: int
+
+    def __new__(cls, tiers: Iterable[str], chunk_tokens: int) -> ChunkTiers:
+        made = super().__new__(cls, tiers)
+        made.chunk_tokens = chunk_tokens
+        return made
+
+    @property
+    def chunks(self) -> int:
+        return len(self)
+
+    @property
+    def tokens(self) -> int:
+        return len(self) * self.chunk_tokens
 
 
 @dataclass(frozen=True)

@@ -332,15 +332,15 @@ def tier_capacity(config: TierConfig, driver: Driver[Any]) -> int:
     """The capacity a tier of ``config`` over ``driver`` counts against: the configured
     one, else the driver's own; a KVStoreError if neither or past the driver's."""
     caps = driver.capabilities
-    capacity = config.capacity if config.capacity is not None else caps.capacity_bytes
+    capacity = config.max_bytes if config.max_bytes is not None else caps.capacity_bytes
     if capacity is None:
         raise KVStoreError(
-            f"tier {config.url!r} needs a capacity: its driver has no hard limit of its own",
+            f"tier {config.url!r} needs max_bytes: its driver has no hard limit of its own",
             driver=driver.name,
         )
     if caps.capacity_bytes is not None and capacity > caps.capacity_bytes:
         raise KVStoreError(
-            f"tier capacity {capacity} exceeds the driver's capacity {caps.capacity_bytes}",
+            f"tier max_bytes {capacity} exceeds the driver's capacity {caps.capacity_bytes}",
             driver=driver.name,
         )
     return capacity

@@ -358,7 +358,9 @@ class TransformersConnector:
         tokens = _token_ids(input_ids)
         whole = min(len(tokens), cache.get_seq_length()) // self.chunk_tokens * self.chunk_tokens
         if whole == 0:
-            return StoreResult(chunks=0, written=0, already_cached=0, failed=0)
+            return StoreResult(
+                chunks=0, written=0, already_cached=0, failed=0, chunk_tokens=self.chunk_tokens
+            )
         kv = self._cache_kv(cache, whole)
         return self.store.store(tokens[:whole], kv)
 

@@ -87,7 +87,7 @@ def store_config(args: argparse.Namespace, layout: KVLayout) -> StoreConfig:
     if args.tier:
         return StoreConfig.from_urls(
             *(
-                url if "capacity=" in urlsplit(url).query else {"url": url, "capacity": room}
+                url if "capacity=" in urlsplit(url).query else {"url": url, "max_bytes": room}
                 for url in args.tier
             ),
             chunk_tokens=DEMO_CHUNK_TOKENS,
@@ -139,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
     console.print(
         "tiers: "
         + ", ".join(
-            f"{tier.url} (holding {human_size(tier.capacity)})" if tier.capacity else tier.url
+            f"{tier.url} (holding {human_size(tier.max_bytes)})" if tier.max_bytes else tier.url
             for tier in config.tiers
         )
     )

@@ -280,7 +280,7 @@ def run(settings: SoakSettings, run_dir: Path, disk_problem: str | None) -> dict
                     write_policy=settings.write_policy,
                 ),
                 tier(nvme, "nvme", write_policy=settings.write_policy),
-                tier(redis.url("prefix=soak"), "redis", capacity=settings.redis_bytes),
+                tier(redis.url("prefix=soak"), "redis", max_bytes=settings.redis_bytes),
             ],
         }
         return lambda number, journal: WorkerPlan(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from kvstore.keys import Scope
 from kvstore.results import (
+    ChunkTiers,
     CompressResult,
     LookupResult,
     MoveResult,
@@ -34,6 +35,7 @@ from kvstore.store.blocking import KVStore, open_store
 
 __all__ = [
     "AsyncKVStore",
+    "ChunkTiers",
     "CompressResult",
     "KVStore",
     "LookupResult",

@@ -26,6 +26,7 @@ from kvstore.offline import OfflineDriver
 from kvstore.pins import Clock, Pins
 from kvstore.registry import open_driver
 from kvstore.results import (
+    ChunkTiers,
     LookupResult,
     ScopeCounters,
 )
@@ -160,13 +161,13 @@ class AsyncKVStore(HealthReports):
             log.warning("tier %s is up again", tier.name)
 
     @timed("locate")
-    async def locate(self, keys: Sequence[bytes]) -> tuple[str, ...]:
+    async def locate(self, keys: Sequence[bytes]) -> ChunkTiers:
         """The tier of each chunk of the cached prefix of ``keys`` (from ``named_keys``)."""
         located = await self._locate(self._own_keys(keys))
         self.metrics.count_prefix(
             "locate", len(keys) * self.chunk_tokens, len(located) * self.chunk_tokens
         )
-        return tuple(self.tiers[t].name for t in located)
+        return ChunkTiers((self.tiers[t].name for t in located), self.chunk_tokens)
 
     @timed("lookup")
     async def lookup(self, tokens: TokenIds) -> LookupResult:
@@ -229,4 +230,4 @@ async def _open_tier_driver(position: int, config: TierConfig) -> Driver[Any]:
             exc.driver,
             exc,
         )
-        return OfflineDriver.standing_in(config.url, config.capacity, str(exc))
+        return OfflineDriver.standing_in(config.url, config.max_bytes, str(exc))

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from kvstore.config import StoreConfig
+from kvstore.config import ConfigSource, StoreConfig
 from kvstore.driver import Driver
 from kvstore.keys import (
     Namespace,
@@ -15,6 +15,7 @@ from kvstore.keys import (
     TokenIds,
 )
 from kvstore.results import (
+    ChunkTiers,
     CompressResult,
     LookupResult,
     MoveResult,
@@ -80,15 +81,13 @@ class KVStore:
     def named_keys(self, names: Sequence[bytes]) -> list[bytes]:
         return self._store.named_keys(names)
 
-    def locate(self, keys: Sequence[bytes]) -> tuple[str, ...]:
+    def locate(self, keys: Sequence[bytes]) -> ChunkTiers:
         return self._loop.run(self._store.locate(keys))
 
     def store_chunks(self, keys: Sequence[bytes], chunks: Sequence[torch.Tensor]) -> StoreResult:
         return self._loop.run(self._store.store_chunks(keys, chunks))
 
-    def retrieve_chunks(
-        self, keys: Sequence[bytes], outs: Sequence[torch.Tensor]
-    ) -> tuple[str, ...]:
+    def retrieve_chunks(self, keys: Sequence[bytes], outs: Sequence[torch.Tensor]) -> ChunkTiers:
         return self._loop.run(self._store.retrieve_chunks(keys, outs))
 
     def retrieve(self, tokens: TokenIds, out: torch.Tensor | None = None) -> RetrieveResult:
@@ -149,12 +148,8 @@ class KVStore:
         self.close()
 
 
-def open_store(config: StoreConfig | str | Sequence[str], namespace: Namespace) -> KVStore:
-    """A blocking store from a config, a YAML path, or a list of tier URLs."""
-    if isinstance(config, str):
-        config = (
-            StoreConfig.from_yaml(config) if "://" not in config else StoreConfig.from_urls(config)
-        )
-    elif not isinstance(config, StoreConfig):
-        config = StoreConfig.from_urls(*config)
-    return KVStore.open(config, namespace)
+def open_store(config: ConfigSource, namespace: Namespace) -> KVStore:
+    """A blocking store from a config in any form ``StoreConfig.load`` accepts: a
+    ``StoreConfig``, a YAML path, a tier URL, a list of tiers or a config mapping.
+    ``StoreConfig.namespace`` makes a namespace that agrees with the config."""
+    return KVStore.open(StoreConfig.load(config, option="open_store config"), namespace)

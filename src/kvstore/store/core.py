@@ -18,10 +18,10 @@ from kvstore.codecs import KeyRing
 from kvstore.config import StoreConfig
 from kvstore.errors import (
     ConfigError,
-    InvalidArgumentError,
     InvalidKeyError,
     KVStoreError,
     NotFoundError,
+    StoreClosedError,
 )
 from kvstore.keys import (
     STORAGE_KEY_BYTES,
@@ -185,7 +185,7 @@ class StoreState:
 
     def _check_open(self) -> None:
         if self._root._closed:
-            raise InvalidArgumentError("the store is closed")
+            raise StoreClosedError("the store is closed")
 
     async def _run(self, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()

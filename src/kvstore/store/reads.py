@@ -26,6 +26,7 @@ from kvstore.keys import (
 from kvstore.layout import TOKEN_DIM
 from kvstore.metrics import timed
 from kvstore.results import (
+    ChunkTiers,
     RetrieveResult,
 )
 from kvstore.store.encoded import EncodedChunk
@@ -149,7 +150,7 @@ class ReadPipeline(WritePipeline):
     @timed("retrieve_chunks")
     async def retrieve_chunks(
         self, keys: Sequence[bytes], outs: Sequence[torch.Tensor]
-    ) -> tuple[str, ...]:
+    ) -> ChunkTiers:
         """Load the longest cached prefix of ``keys`` (from ``named_keys``) into ``outs``.
 
         ``outs[i]`` is a ``[layers, 2, chunk_tokens, kv_heads, head_dim]`` tensor
@@ -165,10 +166,10 @@ class ReadPipeline(WritePipeline):
         for out in outs:
             self.layout.check(out, self.chunk_tokens)
         located = await self._locate(keys)
-        sources = tuple(await self._load(keys, located, list(outs))) if located else ()
-        self.metrics.count_prefix(
-            "retrieve_chunks", len(keys) * self.chunk_tokens, len(sources) * self.chunk_tokens
+        sources = ChunkTiers(
+            await self._load(keys, located, list(outs)) if located else (), self.chunk_tokens
         )
+        self.metrics.count_prefix("retrieve_chunks", len(keys) * self.chunk_tokens, sources.tokens)
         return sources
 
     def _batches(self, located: list[int]) -> list[tuple[int, list[int]]]:

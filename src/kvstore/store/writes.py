@@ -103,6 +103,7 @@ class WritePipeline(Placement):
             written=written,
             already_cached=len(keys) - len(fresh),
             failed=len(fresh) - written,
+            chunk_tokens=self.chunk_tokens,
         )
 
     async def _write_through(self, chunks: list[EncodedChunk]) -> None:
