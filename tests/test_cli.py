@@ -81,3 +81,17 @@ def test_ctrl_c_ends_a_command_with_one_line_and_130(after_s: float) -> None:
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == INTERRUPTED_EXIT_CODE, stderr
     assert stderr.strip().splitlines() == ["kvstore: interrupted"], stderr
+
+
+def test_conformance_without_pytest_names_the_extra() -> None:
+    """pytest is not a runtime dependency: without it ``kvstore conformance``
+    says which extra to install, and exits 2."""
+    without_pytest = "import sys; sys.modules['pytest'] = None\n" + IMPORTS_TORCH
+    result = subprocess.run(
+        [sys.executable, "-c", without_pytest, "conformance", "cpu://"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "kvstore-llm[conformance]" in " ".join(result.stderr.split())

@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
-from kvstore.errors import KVStoreError
+from kvstore.errors import ConfigError, KVStoreError
 
 INTERRUPTED_EXIT_CODE = 130
 """What a command interrupted by Ctrl-C exits with (128 + SIGINT), as shells do."""
@@ -52,6 +52,13 @@ def _cmd_drivers(args: argparse.Namespace) -> int:
 
 
 def _cmd_conformance(args: argparse.Namespace) -> int:
+    try:
+        import pytest  # noqa: F401  (the suite runs under pytest)
+    except ImportError:
+        raise ConfigError(
+            "kvstore conformance runs the suite with pytest, which is not installed: "
+            "pip install 'kvstore-llm[conformance]'"
+        ) from None
     from kvstore.conformance.runner import run_conformance
 
     code: int = run_conformance(
