@@ -268,7 +268,7 @@ class TransformersConnector:
         if min_recompute < 1:
             raise InvalidArgumentError(f"min_recompute must be >= 1, got {min_recompute}")
         layout = model_layout(model)
-        namespace = store.async_store.namespace
+        namespace = store.namespace
         if namespace.layout != layout:
             raise InvalidArgumentError(
                 f"the store's KV layout {namespace.layout} is not the model's {layout}"

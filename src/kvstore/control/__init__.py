@@ -75,7 +75,7 @@ def http_module(name: str) -> Any:
 def maybe_start_control_server(store: KVStore) -> ControlServer | None:
     """What connectors call once they open their store: start its control server
     if the store's config enables one (``control.enabled``), else do nothing."""
-    control = store.async_store.config.control
+    control = store.config.control
     if control is None or not control.enabled:
         return None
     server: ControlServer = http_module("kvstore.control.server").start_control_server(

@@ -51,7 +51,16 @@ class KVStore:
 
     @property
     def async_store(self) -> AsyncKVStore:
+        """The same store's async API, for coroutines on ``loop_thread``."""
         return self._store
+
+    @property
+    def config(self) -> StoreConfig:
+        return self._store.config
+
+    @property
+    def namespace(self) -> Namespace:
+        return self._store.namespace
 
     @property
     def loop_thread(self) -> LoopThread:
