@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from kvstore.config import StoreConfig, TierConfig
-from kvstore.connectors.config import store_config, store_namespace, text_option
+from kvstore.connectors.config import store_config, text_option
 from kvstore.connectors.stores import SharedStores
 from kvstore.connectors.weights import weights_revision
 from kvstore.errors import ConfigError, KVStoreError
@@ -65,9 +65,7 @@ def test_options_and_namespace_follow_the_config() -> None:
     config = StoreConfig.from_urls(
         {"url": CPU, "codecs": "int8+zstd"}, tenant="salt", chunk_tokens=64
     )
-    namespace = store_namespace(
-        config, model="m", revision="r", layout=LAYOUT, tp_rank=1, tp_size=2
-    )
+    namespace = config.namespace(model="m", revision="r", layout=LAYOUT, tp_rank=1, tp_size=2)
     assert namespace == Namespace(
         "m", "r", LAYOUT, chunk_tokens=64, tp_rank=1, tp_size=2, codec="int8", tenant="salt"
     )

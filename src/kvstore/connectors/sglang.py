@@ -41,7 +41,7 @@ from sglang.srt.mem_cache.hicache_storage import (
 )
 
 from kvstore.config import StoreConfig
-from kvstore.connectors.config import store_config, store_namespace, text_option
+from kvstore.connectors.config import store_config, text_option
 from kvstore.connectors.stores import shared_stores
 from kvstore.connectors.weights import weights_revision
 from kvstore.errors import ConfigError, InvalidArgumentError, NotSupportedError
@@ -257,8 +257,7 @@ class KVStoreHiCacheStorage(HiCacheStorage):
         config = self.storage_config
         pages = HostPages.of(mem_pool_host, mla=config.is_mla_model)
         store_cfg = paged(self.config, pages.page_size)
-        namespace = store_namespace(
-            store_cfg,
+        namespace = store_cfg.namespace(
             model=self.model_name,
             revision=self.revision,
             layout=pages.kv_layout,
