@@ -123,14 +123,14 @@ def make_client(
     return standalone
 
 
-def translate(exc: BaseException, driver: str, server: str) -> BaseException:
-    """The kvstore error for a redis-py (or socket) error; other exceptions unchanged.
+def translate(exc: Exception, driver: str, server: str) -> KVStoreError | None:
+    """The kvstore error for a redis-py (or socket) error; ``None`` for other exceptions.
 
     ``server`` names the server for messages; it never holds credentials."""
     if isinstance(exc, KVStoreError) or not isinstance(
         exc, (rx.RedisError, rx.RedisClusterException, OSError)
     ):
-        return exc
+        return None
     detail = f"{type(exc).__name__}: {exc}"
     if isinstance(exc, (rx.AuthenticationError, rx.AuthenticationWrongNumberOfArgsError)):
         return ConfigError(f"{server} refused the credentials ({detail})", driver=driver)

@@ -17,10 +17,8 @@ import asyncio
 import builtins
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from functools import partial
 from itertools import islice
 from typing import Any, ClassVar, TypeVar
 
@@ -29,9 +27,10 @@ from typing_extensions import Self
 
 from kvstore.config_url import DriverConfig
 from kvstore.driver import Capabilities, Driver, KeyEntry, Usage, fill_into, usage_by_listing
-from kvstore.errors import DriverClosedError, IntegrityError, KVStoreError
-from kvstore.inflight import InflightCalls, gather_all
+from kvstore.errors import IntegrityError, KVStoreError
+from kvstore.inflight import gather_all
 from kvstore.sizes import format_size
+from kvstore.threaded import DriverThreads
 
 from .config import RedisConfig, RedissConfig
 from .connection import Client, client_for, translate
@@ -92,14 +91,13 @@ class RedisDriver(Driver[RedisConfig]):
         ),
     )
 
-    def __init__(self, config: RedisConfig, client: Client, pool: ThreadPoolExecutor) -> None:
+    def __init__(self, config: RedisConfig, client: Client, threads: DriverThreads) -> None:
         super().__init__(config)
         self._client = client
-        self._pool = pool
+        self._threads = threads
         self._names = KeyNames(config.prefix)
         self._server = config.server
         self._ttl_ms = 0 if config.ttl is None else config.ttl * 1000
-        self._inflight = InflightCalls()
         self._capabilities = Capabilities(
             persistent=config.persistent,
             listable=True,
@@ -117,14 +115,17 @@ class RedisDriver(Driver[RedisConfig]):
     @classmethod
     async def open(cls, config: RedisConfig) -> Self:
         """Connect (and authenticate) to the server or cluster; raise if it cannot be reached."""
-        connect = partial(client_for, config)
-        pool = ThreadPoolExecutor(config.max_connections, thread_name_prefix="kvstore-redis")
+        threads = DriverThreads(
+            config.scheme,
+            config.max_connections,
+            lambda exc, _: translate(exc, config.scheme, config.server),
+        )
         try:
-            client = await asyncio.get_running_loop().run_in_executor(pool, connect)
-        except BaseException as exc:
-            pool.shutdown(wait=False)
-            raise translate(exc, config.scheme, config.server) from exc
-        return cls(config, client, pool)
+            client = await threads.run(client_for, config, operation="connect")
+        except BaseException:
+            await threads.close()
+            raise
+        return cls(config, client, threads)
 
     @property
     def capabilities(self) -> Capabilities:
@@ -133,13 +134,13 @@ class RedisDriver(Driver[RedisConfig]):
     # ------------------------------------------------------------------ protocol
 
     async def _put_many(self, items: builtins.list[tuple[bytes, memoryview]]) -> None:
-        await self._inflight.complete(self._write(dict(items)))
+        await self._threads.complete(self._write(dict(items)))
 
     async def _get_many(
         self, keys: builtins.list[bytes], into: builtins.list[memoryview | None] | None
     ) -> builtins.list[memoryview | None]:
         targets: builtins.list[memoryview | None] = [None] * len(keys) if into is None else into
-        return await self._inflight.complete(self._read(keys, targets))
+        return await self._threads.complete(self._read(keys, targets))
 
     async def _contains_many(self, keys: builtins.list[bytes]) -> builtins.list[bool]:
         commands = [("EXISTS", self._names.value(key), self._names.manifest(key)) for key in keys]
@@ -147,7 +148,7 @@ class RedisDriver(Driver[RedisConfig]):
         return [bool(reply) for reply in replies]
 
     async def _delete_many(self, keys: builtins.list[bytes]) -> builtins.list[bool]:
-        replies = await self._inflight.complete(
+        replies = await self._threads.complete(
             self._pipelines([self._delete_command(k) for k in keys])
         )
         return [bool(reply) for reply in replies]
@@ -156,7 +157,7 @@ class RedisDriver(Driver[RedisConfig]):
         names = iter(self._client.scan_iter(match=self._names.scan_pattern(), count=SCAN_COUNT))
         seen: set[bytes] = set()
         while True:
-            page = await self._call(_take, names, SCAN_COUNT)
+            page = await self._threads.run(_take, names, SCAN_COUNT)
             if not page:
                 return
             keys: builtins.list[bytes] = []
@@ -179,26 +180,10 @@ class RedisDriver(Driver[RedisConfig]):
         return await usage_by_listing(self._list())
 
     async def _close(self) -> None:
-        await self._inflight.drain()
-        await asyncio.to_thread(self._shut_down)
-
-    def _shut_down(self) -> None:
-        self._pool.shutdown(wait=True)
-        self._client.close()
+        await self._threads.close()
+        await asyncio.to_thread(self._client.close)
 
     # --------------------------------------------------------------- machinery
-
-    async def _call(self, function: Callable[..., T], *args: Any) -> T:
-        """Run blocking client work on the pool; redis-py errors become kvstore errors."""
-        loop = asyncio.get_running_loop()
-        try:
-            work = loop.run_in_executor(self._pool, function, *args)
-        except RuntimeError:
-            raise DriverClosedError("the driver is closed", driver=self.name) from None
-        try:
-            return await work
-        except Exception as exc:
-            raise translate(exc, self.name, self._server) from exc
 
     def _execute(self, commands: builtins.list[tuple[Any, ...]]) -> builtins.list[Any]:
         """Send ``commands`` as one pipeline (no MULTI) and return the replies in order.
@@ -223,7 +208,7 @@ class RedisDriver(Driver[RedisConfig]):
             commands[start : start + PIPELINE_KEYS]
             for start in range(0, len(commands), PIPELINE_KEYS)
         ]
-        replies = await gather_all([self._call(self._execute, group) for group in groups])
+        replies = await gather_all([self._threads.run(self._execute, group) for group in groups])
         return [reply for group in replies for reply in group]
 
     def _delete_command(self, key: bytes) -> tuple[Any, ...]:
@@ -248,7 +233,7 @@ class RedisDriver(Driver[RedisConfig]):
             for key, value in values.items()
             if len(value) > part_size
         ]
-        jobs = [self._call(self._execute, group) for group in self._inline_pipelines(inline)]
+        jobs = [self._threads.run(self._execute, group) for group in self._inline_pipelines(inline)]
         staged = [self._stage(key, value, manifest) for key, value, manifest in parted]
         outcomes = await asyncio.gather(*jobs, *staged, return_exceptions=True)
         errors = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
@@ -305,7 +290,7 @@ class RedisDriver(Driver[RedisConfig]):
             ("SET", name, value[offset : offset + length], "PX", _STAGING_TTL_MS)
             for name, (offset, length) in zip(names, manifest.spans())
         ]
-        await gather_all([self._call(self._execute, [command]) for command in commands])
+        await gather_all([self._threads.run(self._execute, [command]) for command in commands])
 
     def _publish_command(self, key: bytes, manifest: Manifest) -> tuple[Any, ...]:
         parts = manifest.part_keys(self._names.part_prefix(key))
@@ -369,7 +354,9 @@ class RedisDriver(Driver[RedisConfig]):
         ]
         found = await gather_all(
             [
-                self._call(self._fetch_heads, [keys[i] for i in group], [targets[i] for i in group])
+                self._threads.run(
+                    self._fetch_heads, [keys[i] for i in group], [targets[i] for i in group]
+                )
                 for group in groups
             ]
         )
@@ -428,7 +415,7 @@ class RedisDriver(Driver[RedisConfig]):
         ]
         arrived = await gather_all(
             [
-                self._call(self._fetch_part, name, entry.destination, span)
+                self._threads.run(self._fetch_part, name, entry.destination, span)
                 for entry, name, span in jobs
             ]
         )
