@@ -17,11 +17,11 @@ import errno
 import fcntl
 import logging
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from functools import partial
-from typing import Annotated, Any, ClassVar, Literal, TypeVar
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, field_validator
 from typing_extensions import Self
@@ -29,8 +29,8 @@ from typing_extensions import Self
 from kvstore.config_url import DriverConfig
 from kvstore.driver import Capabilities, Driver, KeyEntry, Usage
 from kvstore.errors import CapacityError, DriverUnavailableError, KVStoreError
-from kvstore.inflight import InflightCalls
 from kvstore.sizes import ByteSize, format_size
+from kvstore.threaded import DriverThreads
 
 from .directio import (
     O_CLOEXEC,
@@ -60,7 +60,6 @@ from .layout import (
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 
 ZERO_COPY_NOTE = "get into buffers at 4096-aligned addresses (buffered I/O: any buffer)"
 _READ_ATTEMPTS = 3
@@ -127,18 +126,17 @@ class NvmeDriver(Driver[NvmeConfig]):
         *,
         root: str,
         lock_fd: int,
-        pool: ThreadPoolExecutor,
+        threads: DriverThreads,
         index: EntryIndex,
         io_mode: str,
     ) -> None:
         super().__init__(config)
         self._root = root
         self._lock_fd = lock_fd
-        self._pool = pool
+        self._threads = threads
         self._index = index
         self._direct = io_mode == "O_DIRECT"
         self._scratch = Scratch(config.io_block)
-        self._inflight = InflightCalls()
         self._capabilities = Capabilities(
             persistent=True,
             listable=True,
@@ -152,13 +150,21 @@ class NvmeDriver(Driver[NvmeConfig]):
     @classmethod
     async def open(cls, config: NvmeConfig) -> Self:
         """Lock the directory, choose the I/O mode, clean leftovers and rebuild the index."""
-        pool = ThreadPoolExecutor(config.io_threads, thread_name_prefix="kvstore-nvme")
+        threads = DriverThreads(
+            config.scheme,
+            config.io_threads,
+            lambda exc, _: (
+                _disk_error(exc, config.path, config.scheme) if isinstance(exc, OSError) else None
+            ),
+        )
         try:
-            root, lock_fd, index, io_mode = await asyncio.to_thread(_prepare, config, pool)
+            root, lock_fd, index, io_mode = await asyncio.to_thread(_prepare, config, threads.pool)
         except BaseException:
-            pool.shutdown(wait=False)
+            await threads.close()
             raise
-        return cls(config, root=root, lock_fd=lock_fd, pool=pool, index=index, io_mode=io_mode)
+        return cls(
+            config, root=root, lock_fd=lock_fd, threads=threads, index=index, io_mode=io_mode
+        )
 
     @property
     def capabilities(self) -> Capabilities:
@@ -185,19 +191,19 @@ class NvmeDriver(Driver[NvmeConfig]):
                 f"{self._index.used} of {capacity} bytes are used",
                 driver=self.name,
             )
-        await self._inflight.complete(self._put_batch(values))
+        await self._threads.complete(self._put_batch(values))
 
     async def _get_many(
         self, keys: list[bytes], into: list[memoryview | None] | None
     ) -> list[memoryview | None]:
         targets: list[memoryview | None] = [None] * len(keys) if into is None else into
-        return await self._inflight.complete(self._get_batch(keys, targets))
+        return await self._threads.complete(self._get_batch(keys, targets))
 
     async def _contains_many(self, keys: list[bytes]) -> list[bool]:
         return [key in self._index for key in keys]
 
     async def _delete_many(self, keys: list[bytes]) -> list[bool]:
-        return await self._inflight.complete(self._delete_batch(keys))
+        return await self._threads.complete(self._delete_batch(keys))
 
     async def _list(self) -> AsyncIterator[KeyEntry]:
         for entry in self._index.entries():
@@ -207,28 +213,12 @@ class NvmeDriver(Driver[NvmeConfig]):
         return Usage(len(self._index), self._index.value_bytes, self.config.capacity)
 
     async def _close(self) -> None:
-        await self._inflight.drain()
-        await asyncio.to_thread(self._shut_down)
+        await self._threads.close()
+        await asyncio.to_thread(self._unlock)
 
-    def _shut_down(self) -> None:
-        self._pool.shutdown(wait=True)
+    def _unlock(self) -> None:
         fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
         os.close(self._lock_fd)
-
-    async def _io(self, function: Callable[..., T], *args: Any) -> T:
-        """Run blocking disk work on the I/O pool; OSError becomes a typed error."""
-        loop = asyncio.get_running_loop()
-        try:
-            return await loop.run_in_executor(self._pool, function, *args)
-        except OSError as exc:
-            raise self._disk_error(exc) from exc
-
-    def _disk_error(self, exc: OSError) -> KVStoreError:
-        if exc.errno in _FULL_DISK:
-            return CapacityError(f"the disk under {self._root} is full: {exc}", driver=self.name)
-        return DriverUnavailableError(
-            f"disk I/O failed under {self._root}: {exc}", driver=self.name
-        )
 
     async def _put_batch(self, values: dict[bytes, memoryview]) -> None:
         outcomes = await asyncio.gather(
@@ -244,11 +234,11 @@ class NvmeDriver(Driver[NvmeConfig]):
             else:
                 staged.append((key, len(value), outcome))
         if staged:
-            directories, publish_errors = await self._io(self._publish, staged)
-            errors.extend(self._disk_error(exc) for exc in publish_errors)
+            directories, publish_errors = await self._threads.run(self._publish, staged)
+            errors.extend(_disk_error(exc, self._root, self.name) for exc in publish_errors)
             if self.config.fsync:
                 synced = await asyncio.gather(
-                    *(self._io(_fsync_directory, path) for path in directories),
+                    *(self._threads.run(_fsync_directory, path) for path in directories),
                     return_exceptions=True,
                 )
                 errors.extend(exc for exc in synced if isinstance(exc, BaseException))
@@ -262,19 +252,21 @@ class NvmeDriver(Driver[NvmeConfig]):
         header = encode_header(key, len(value))
         parts = pieces(len(value), self.config.io_block)
         if len(parts) == 1:
-            await self._io(self._write_whole, path, transfer, parts[0], header)
+            await self._threads.run(self._write_whole, path, transfer, parts[0], header)
             return path
-        fd = await self._io(self._create_temp, path)
+        fd = await self._threads.run(self._create_temp, path)
         scratch = self._scratch
         outcomes = await asyncio.gather(
             *(
-                self._io(write_piece, fd, transfer, part, header if part[0] == 0 else None, scratch)
+                self._threads.run(
+                    write_piece, fd, transfer, part, header if part[0] == 0 else None, scratch
+                )
                 for part in parts
             ),
             return_exceptions=True,
         )
         failure = next((exc for exc in outcomes if isinstance(exc, BaseException)), None)
-        await self._io(self._seal_temp, fd, path, failure is None)
+        await self._threads.run(self._seal_temp, fd, path, failure is None)
         if failure is not None:
             raise failure
         return path
@@ -355,13 +347,15 @@ class NvmeDriver(Driver[NvmeConfig]):
         miss (absent, or corrupt and now removed)."""
         parts = pieces(transfer.length, self.config.io_block)
         if len(parts) == 1:
-            return await self._io(self._read_whole, path, key, transfer)
-        fd = await self._io(self._open_value, path)
+            return await self._threads.run(self._read_whole, path, key, transfer)
+        fd = await self._threads.run(self._open_value, path)
         if fd is None:
             return None
         outcomes = await asyncio.gather(
             *(
-                self._io(read_piece, fd, transfer, part, self._direct, self._scratch, index == 0)
+                self._threads.run(
+                    read_piece, fd, transfer, part, self._direct, self._scratch, index == 0
+                )
                 for index, part in enumerate(parts)
             ),
             return_exceptions=True,
@@ -369,12 +363,14 @@ class NvmeDriver(Driver[NvmeConfig]):
         read: list[tuple[tuple[bytes, int] | None, bool]] = []
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
-                await self._io(os.close, fd)
+                await self._threads.run(os.close, fd)
                 raise outcome
             read.append(outcome)
         header = read[0][0]
         complete = all(piece_complete for _, piece_complete in read)
-        return await self._io(self._conclude_read, fd, path, key, transfer.length, header, complete)
+        return await self._threads.run(
+            self._conclude_read, fd, path, key, transfer.length, header, complete
+        )
 
     def _read_whole(self, path: str, key: bytes, transfer: Transfer) -> int | None:
         fd = self._open_value(path)
@@ -433,9 +429,11 @@ class NvmeDriver(Driver[NvmeConfig]):
         return self._index.remove(key, unlink_same)
 
     async def _delete_batch(self, keys: list[bytes]) -> list[bool]:
-        removed, directories = await self._io(self._unlink_values, keys)
+        removed, directories = await self._threads.run(self._unlink_values, keys)
         if self.config.fsync and directories:
-            await asyncio.gather(*(self._io(_fsync_directory, path) for path in directories))
+            await asyncio.gather(
+                *(self._threads.run(_fsync_directory, path) for path in directories)
+            )
         return removed
 
     def _unlink_values(self, keys: list[bytes]) -> tuple[list[bool], set[str]]:
@@ -448,6 +446,14 @@ class NvmeDriver(Driver[NvmeConfig]):
             if gone:
                 directories.add(os.path.dirname(path))
         return removed, directories
+
+
+def _disk_error(exc: OSError, where: str, driver: str) -> KVStoreError:
+    """The kvstore error for a failed disk operation under ``where``: CapacityError when
+    the disk is full, else DriverUnavailableError."""
+    if exc.errno in _FULL_DISK:
+        return CapacityError(f"the disk under {where} is full: {exc}", driver=driver)
+    return DriverUnavailableError(f"disk I/O failed under {where}: {exc}", driver=driver)
 
 
 def _prepare(config: NvmeConfig, pool: ThreadPoolExecutor) -> tuple[str, int, EntryIndex, str]:
