@@ -176,6 +176,13 @@ def missing_key(exc: ClientError) -> bool:
     )
 
 
+def client_errors(config: S3Config, exc: Exception, operation: str) -> KVStoreError | None:
+    """The driver's ErrorMap: botocore, urllib3 and socket failures translated, others not."""
+    if isinstance(exc, (BotoCoreError, ClientError, urllib3.exceptions.HTTPError, OSError)):
+        return translate(exc, operation, config)
+    return None
+
+
 def translate(exc: Exception, operation: str, config: S3Config) -> KVStoreError:
     """The kvstore error for a botocore, urllib3 or socket failure of ``operation``."""
     where = config.endpoint_url or "AWS S3"

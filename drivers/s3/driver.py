@@ -17,15 +17,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator
 from contextlib import suppress
 from enum import Enum
+from functools import partial
 from typing import Any, ClassVar, TypeVar
 
-import urllib3.exceptions
 from botocore.exceptions import (
-    BotoCoreError,
     ClientError,
 )
 from typing_extensions import Self
@@ -37,10 +35,18 @@ from kvstore.errors import (
     KVStoreError,
     TransientError,
 )
-from kvstore.inflight import InflightCalls, gather_all
+from kvstore.inflight import gather_all
 from kvstore.sizes import format_size
+from kvstore.threaded import DriverThreads
 
-from .client import Body, error_for_code, missing_key, open_client, status_of, translate
+from .client import (
+    Body,
+    client_errors,
+    error_for_code,
+    missing_key,
+    open_client,
+    status_of,
+)
 from .config import MAX_OBJECT_BYTES, MAX_PARTS, S3Config
 from .naming import key_of, list_prefix, object_name
 
@@ -75,13 +81,12 @@ class S3Driver(Driver[S3Config]):
         details=(("transport", "botocore: multipart uploads and ETag-pinned ranged GETs"),),
     )
 
-    def __init__(self, config: S3Config, *, client: Any, pool: ThreadPoolExecutor) -> None:
+    def __init__(self, config: S3Config, *, client: Any, threads: DriverThreads) -> None:
         super().__init__(config)
         self._client = client
-        self._pool = pool
+        self._threads = threads
         self._bucket = config.bucket
         self._prefix = config.prefix
-        self._inflight = InflightCalls()
         self._max_value = min(config.part_size * MAX_PARTS, MAX_OBJECT_BYTES)
         self._capabilities = Capabilities(
             persistent=True,
@@ -100,13 +105,13 @@ class S3Driver(Driver[S3Config]):
     @classmethod
     async def open(cls, config: S3Config) -> Self:
         """Build the client and check that the bucket is there (or create it)."""
-        pool = ThreadPoolExecutor(config.io_threads, thread_name_prefix="kvstore-s3")
+        threads = DriverThreads(config.scheme, config.io_threads, partial(client_errors, config))
         try:
-            client = await asyncio.get_running_loop().run_in_executor(pool, open_client, config)
+            client = await threads.run(open_client, config, operation="open")
         except BaseException:
-            pool.shutdown(wait=False)
+            await threads.close()
             raise
-        return cls(config, client=client, pool=pool)
+        return cls(config, client=client, threads=threads)
 
     @property
     def capabilities(self) -> Capabilities:
@@ -123,7 +128,7 @@ class S3Driver(Driver[S3Config]):
                     f"{self._max_value} bytes ({MAX_PARTS} parts of part_size)",
                     driver=self.name,
                 )
-        await self._inflight.complete(
+        await self._threads.complete(
             gather_all([self._put_one(key, value) for key, value in values.items()])
         )
 
@@ -131,22 +136,27 @@ class S3Driver(Driver[S3Config]):
         self, keys: list[bytes], into: list[memoryview | None] | None
     ) -> list[memoryview | None]:
         targets: list[memoryview | None] = [None] * len(keys) if into is None else into
-        return await self._inflight.complete(
+        return await self._threads.complete(
             gather_all([self._get_one(key, target) for key, target in zip(keys, targets)])
         )
 
     async def _contains_many(self, keys: list[bytes]) -> list[bool]:
-        return await self._inflight.complete(
-            gather_all([self._call("contains", self._exists, self._name(key)) for key in keys])
+        return await self._threads.complete(
+            gather_all(
+                [
+                    self._threads.run(self._exists, self._name(key), operation="contains")
+                    for key in keys
+                ]
+            )
         )
 
     async def _delete_many(self, keys: list[bytes]) -> list[bool]:
-        return await self._inflight.complete(self._delete_batch(keys))
+        return await self._threads.complete(self._delete_batch(keys))
 
     async def _list(self) -> AsyncIterator[KeyEntry]:
         token: str | None = None
         while True:
-            objects, token = await self._call("list", self._list_page, token)
+            objects, token = await self._threads.run(self._list_page, token, operation="list")
             for name, size in objects:
                 key = key_of(self._prefix, name)
                 if key is not None:
@@ -158,34 +168,20 @@ class S3Driver(Driver[S3Config]):
         return await usage_by_listing(self._list())
 
     async def _close(self) -> None:
-        await self._inflight.drain()
-        await asyncio.to_thread(self._shut_down)
-
-    def _shut_down(self) -> None:
-        self._pool.shutdown(wait=True)
-        self._client.close()
+        await self._threads.close()
+        await asyncio.to_thread(self._client.close)
 
     # ------------------------------------------------------------- machinery
 
     def _name(self, key: bytes) -> str:
         return object_name(self._prefix, key)
 
-    async def _call(self, operation: str, function: Callable[..., T], *args: Any) -> T:
-        """Run one blocking request on the pool; client failures become typed errors."""
-        loop = asyncio.get_running_loop()
-        try:
-            return await loop.run_in_executor(self._pool, function, *args)
-        except KVStoreError:
-            raise
-        except (BotoCoreError, ClientError, urllib3.exceptions.HTTPError, OSError) as exc:
-            raise translate(exc, operation, self.config) from exc
-
     # ------------------------------------------------------------------ puts
 
     async def _put_one(self, key: bytes, value: memoryview) -> None:
         name = self._name(key)
         if len(value) <= self.config.part_size:
-            await self._call("put", self._put_object, name, value)
+            await self._threads.run(self._put_object, name, value, operation="put")
         else:
             await self._put_multipart(name, value)
 
@@ -194,20 +190,22 @@ class S3Driver(Driver[S3Config]):
 
     async def _put_multipart(self, name: str, value: memoryview) -> None:
         """Upload ``value`` in parallel parts; it becomes visible, whole, on completion."""
-        upload_id = await self._call("put", self._create_upload, name)
+        upload_id = await self._threads.run(self._create_upload, name, operation="put")
         step = self.config.part_size
         parts = [value[start : start + step] for start in range(0, len(value), step)]
         try:
             etags = await gather_all(
                 [
-                    self._call("put", self._upload_part, name, upload_id, number, part)
+                    self._threads.run(
+                        self._upload_part, name, upload_id, number, part, operation="put"
+                    )
                     for number, part in enumerate(parts, start=1)
                 ]
             )
-            await self._call("put", self._complete_upload, name, upload_id, etags)
+            await self._threads.run(self._complete_upload, name, upload_id, etags, operation="put")
         except BaseException:
             with suppress(KVStoreError):
-                await self._call("put", self._abort_upload, name, upload_id)
+                await self._threads.run(self._abort_upload, name, upload_id, operation="put")
             raise
 
     def _create_upload(self, name: str) -> str:
@@ -244,15 +242,21 @@ class S3Driver(Driver[S3Config]):
         keeps changing or is deleted."""
         name = self._name(key)
         for _ in range(_READ_ATTEMPTS):
-            first = await self._call("get", self._get_first, name, target)
+            first = await self._threads.run(self._get_first, name, target, operation="get")
             if first is None:
                 return None
             buffer, read, total, etag = first
             step = self.config.part_size
             outcomes = await gather_all(
                 [
-                    self._call(
-                        "get", self._get_range, name, etag, start, min(start + step, total), buffer
+                    self._threads.run(
+                        self._get_range,
+                        name,
+                        etag,
+                        start,
+                        min(start + step, total),
+                        buffer,
+                        operation="get",
                     )
                     for start in range(read, total, step)
                 ]
@@ -362,11 +366,15 @@ class S3Driver(Driver[S3Config]):
     async def _delete_batch(self, keys: list[bytes]) -> list[bool]:
         """Delete the keys that exist; ``True`` for the first mention of each of them."""
         names = list(dict.fromkeys(self._name(key) for key in keys))
-        present = await gather_all([self._call("delete", self._exists, name) for name in names])
+        present = await gather_all(
+            [self._threads.run(self._exists, name, operation="delete") for name in names]
+        )
         doomed = [name for name, found in zip(names, present) if found]
         await gather_all(
             [
-                self._call("delete", self._delete_objects, doomed[start : start + _DELETE_BATCH])
+                self._threads.run(
+                    self._delete_objects, doomed[start : start + _DELETE_BATCH], operation="delete"
+                )
                 for start in range(0, len(doomed), _DELETE_BATCH)
             ]
         )
