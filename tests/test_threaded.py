@@ -119,3 +119,20 @@ async def test_gather_all_raises_the_first_failure_only_after_every_item_ended()
         await gather_all([item(index) for index in range(3)])
     assert sorted(finished) == [0, 1, 2]
     assert await gather_all([item(index) for index in (1, 2)]) == [1, 2]
+
+
+async def test_work_runs_to_its_end_even_when_the_call_times_out_before_it_started() -> None:
+    """A deadline already past abandons the call, not the work: its cleanup still runs."""
+    threads = DriverThreads("test", 1, unavailable_on_oserror)
+    cleaned: list[bool] = []
+
+    async def work() -> int:
+        try:
+            return await threads.run(sum, [1])
+        finally:
+            cleaned.append(True)
+
+    with pytest.raises(DriverTimeoutError):
+        await threads.complete(work(), lease=CallLease(), timeout=0)
+    assert await threads.close(timeout=5)
+    assert cleaned == [True]

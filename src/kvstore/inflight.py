@@ -27,6 +27,10 @@ class CallAbandoned(Exception):
     """A worker thread found that the call it works for has already ended."""
 
 
+class CallTimedOut(Exception):
+    """A call's ``timeout`` passed before its work ended."""
+
+
 class CallLease:
     """One call's permission for its worker threads to touch the caller's memory.
 
@@ -73,20 +77,32 @@ class InflightCalls:
     def __init__(self) -> None:
         self._tasks: set[asyncio.Future[Any]] = set()
 
-    async def complete(self, work: Awaitable[T], *, lease: CallLease | None = None) -> T:
-        """Await ``work``. If the caller is cancelled first: with a ``lease`` (the only
-        way ``work`` touches the caller's memory) revoke it and re-raise at once,
-        ``work`` finishing unobserved; without one, let ``work`` finish, then re-raise.
-        The lease is revoked when the call ends either way."""
+    async def complete(
+        self,
+        work: Awaitable[T],
+        *,
+        lease: CallLease | None = None,
+        timeout: float | None = None,
+    ) -> T:
+        """Await ``work``. If the caller is cancelled, or ``timeout`` s pass first
+        (CallTimedOut): with a ``lease`` (the only way ``work`` touches the caller's
+        memory) revoke it and end at once, ``work`` finishing unobserved; without one,
+        let ``work`` finish first. The lease is revoked when the call ends either way."""
         task = asyncio.ensure_future(work)
         self._tasks.add(task)
         task.add_done_callback(self._settle)
         try:
-            return await asyncio.shield(task)
-        except asyncio.CancelledError:
-            if lease is None:
-                await asyncio.wait([task])
-            raise
+            try:
+                finished, _ = await asyncio.wait([task], timeout=timeout)
+            except asyncio.CancelledError:
+                if lease is None:
+                    await asyncio.wait([task])
+                raise
+            if not finished:
+                if lease is None:
+                    await asyncio.wait([task])
+                raise CallTimedOut(f"the call took longer than {timeout} s")
+            return task.result()
         finally:
             if lease is not None:
                 lease.revoke()

@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NoReturn, TypeVar
 
 from kvstore.errors import DriverClosedError, DriverTimeoutError, KVStoreError
-from kvstore.inflight import CallAbandoned, CallLease, InflightCalls
+from kvstore.inflight import CallAbandoned, CallLease, CallTimedOut, InflightCalls
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,12 @@ class DriverThreads:
         except Exception as exc:
             self._raise_mapped(exc, operation)
 
+    async def call(self, function: Callable[..., T], *args: Any, operation: str = "a call") -> T:
+        """One blocking function as a whole driver call: ``run`` under ``complete``."""
+        return await self.complete(
+            self.run(function, *args, operation=operation), operation=operation
+        )
+
     async def complete(
         self,
         work: Awaitable[T],
@@ -74,11 +80,13 @@ class DriverThreads:
         within ``timeout`` s if given (then DriverTimeoutError, ``lease`` revoked, or
         ``work`` waited for when there is none); escaping errors come back mapped."""
         try:
-            return await asyncio.wait_for(self._mapping(work, operation, lease), timeout)
-        except asyncio.TimeoutError:
+            return await self._calls.complete(work, lease=lease, timeout=timeout)
+        except CallTimedOut:
             raise DriverTimeoutError(
-                f"{operation} took longer than {timeout} s", driver=self.driver
+                f"{operation} took longer than {timeout:.3g} s", driver=self.driver
             ) from None
+        except Exception as exc:
+            self._raise_mapped(exc, operation)
 
     async def close(self, timeout: float | None = None) -> bool:
         """Wait for the calls still running (at most ``timeout`` s), then stop the pool;
@@ -88,14 +96,12 @@ class DriverThreads:
             await asyncio.to_thread(self.pool.shutdown, wait=True)
         else:
             log.warning("%s: calls still running at close are left to finish", self.driver)
-            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.abandon()
         return finished
 
-    async def _mapping(self, work: Awaitable[T], operation: str, lease: CallLease | None) -> T:
-        try:
-            return await self._calls.complete(work, lease=lease)
-        except Exception as exc:
-            self._raise_mapped(exc, operation)
+    def abandon(self) -> None:
+        """Stop the pool at once, leaving running threads to finish (a failed ``open``)."""
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
     def _raise_mapped(self, exc: Exception, operation: str) -> NoReturn:
         """Raise the kvstore error for ``exc`` (from inside its ``except`` block)."""
