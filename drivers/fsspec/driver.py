@@ -11,7 +11,7 @@ sftp) run on a thread pool the driver owns. A put is atomic for readers: it
 is either one write that the filesystem makes visible whole (an object-store
 PUT, a memory-filesystem entry) or a temp file renamed onto the final name.
 Every call is bounded by ``timeout_s``; a call that ends early never leaves a
-thread writing into the caller's buffers (see ``Lease``).
+thread writing into the caller's buffers (``kvstore.threaded``).
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import asyncio
 import errno
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar, TypeVar
 
 import fsspec
@@ -32,14 +31,15 @@ from kvstore.errors import (
     CapacityError,
     ConfigError,
     DriverLoadError,
-    DriverTimeoutError,
     DriverUnavailableError,
     KVStoreError,
     TransientError,
 )
+from kvstore.inflight import CallLease, gather_all
+from kvstore.threaded import DriverThreads
 
 from .config import FsspecConfig, masked_options
-from .filesystems import AsyncFilesystem, Filesystem, Lease, ThreadFilesystem, gather_all
+from .filesystems import AsyncFilesystem, Filesystem, ThreadFilesystem
 from .layout import key_of, relative_path
 
 log = logging.getLogger(__name__)
@@ -76,18 +76,17 @@ class FsspecDriver(Driver[FsspecConfig]):
         config: FsspecConfig,
         *,
         filesystem: Filesystem,
+        threads: DriverThreads,
         root: str,
         rename: bool,
         io_mode: str,
     ) -> None:
         super().__init__(config)
         self._filesystem = filesystem
+        self._threads = threads
         self._root = root
         self._prefix = root.rstrip("/") + "/"
         self._where = f"{config.protocol}://{root}"
-        self._calls = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
         memory = config.protocol == "memory"
         self._capabilities = Capabilities(
             persistent=not memory,
@@ -113,7 +112,7 @@ class FsspecDriver(Driver[FsspecConfig]):
         )
         where = f"{config.protocol}://{config.path}"
         filesystem: Filesystem | None = None
-        pool: ThreadPoolExecutor | None = None
+        threads = DriverThreads(config.scheme, config.concurrency, _call_error)
         loop = asyncio.get_running_loop()
         try:
             if fs_class.async_impl:
@@ -121,10 +120,9 @@ class FsspecDriver(Driver[FsspecConfig]):
                 filesystem = AsyncFilesystem(fs, rename=rename, concurrency=config.concurrency)
                 io_mode = f"async, {config.concurrency} requests in flight"
             else:
-                pool = ThreadPoolExecutor(config.concurrency, thread_name_prefix="kvstore-fsspec")
-                built = loop.run_in_executor(pool, lambda: fs_class(**options))
+                built = loop.run_in_executor(threads.pool, lambda: fs_class(**options))
                 fs = await asyncio.wait_for(built, config.open_timeout_s)
-                filesystem = ThreadFilesystem(fs, pool, rename=rename)
+                filesystem = ThreadFilesystem(fs, threads, rename=rename)
                 io_mode = f"{config.concurrency} threads"
             root = str(fs._strip_protocol(config.path))
             where = f"{config.protocol}://{root}"
@@ -132,12 +130,18 @@ class FsspecDriver(Driver[FsspecConfig]):
         except BaseException as exc:
             if filesystem is not None:
                 await _close_quietly(filesystem, config.open_timeout_s)
-            elif pool is not None:
-                pool.shutdown(wait=False)
+            threads.abandon()
             if isinstance(exc, KVStoreError) or not isinstance(exc, Exception):
                 raise
             raise _open_error(exc, config, where) from exc
-        return cls(config, filesystem=filesystem, root=root, rename=rename, io_mode=io_mode)
+        return cls(
+            config,
+            filesystem=filesystem,
+            threads=threads,
+            root=root,
+            rename=rename,
+            io_mode=io_mode,
+        )
 
     @property
     def capabilities(self) -> Capabilities:
@@ -207,30 +211,18 @@ class FsspecDriver(Driver[FsspecConfig]):
         return entries
 
     async def _close(self) -> None:
-        await self._idle.wait()
+        await self._threads.close(timeout=self.config.open_timeout_s)
         await _close_quietly(self._filesystem, self.config.open_timeout_s)
 
-    async def _call(self, operation: str, work: Callable[[Lease], Awaitable[T]]) -> T:
-        """Run one driver call within ``timeout_s``; library errors become typed ones."""
-        lease = Lease()
-        self._calls += 1
-        self._idle.clear()
-        try:
-            return await asyncio.wait_for(work(lease), self.config.timeout_s)
-        except KVStoreError:
-            raise
-        except (asyncio.TimeoutError, TimeoutError):
-            raise DriverTimeoutError(
-                f"{operation} on {self._where} took longer than {self.config.timeout_s} s",
-                driver=self.name,
-            ) from None
-        except Exception as exc:
-            raise _call_error(exc, operation, self._where, self.name) from exc
-        finally:
-            lease.revoke()
-            self._calls -= 1
-            if not self._calls:
-                self._idle.set()
+    async def _call(self, operation: str, work: Callable[[CallLease], Awaitable[T]]) -> T:
+        """Run one driver call within ``timeout_s``, its copies under a lease of its own."""
+        lease = CallLease()
+        return await self._threads.complete(
+            work(lease),
+            operation=f"{operation} on {self._where}",
+            lease=lease,
+            timeout=self.config.timeout_s,
+        )
 
 
 def _filesystem_class(config: FsspecConfig) -> Any:
@@ -263,15 +255,16 @@ def _open_error(exc: Exception, config: FsspecConfig, where: str) -> KVStoreErro
     )
 
 
-def _call_error(exc: Exception, operation: str, where: str, driver: str) -> KVStoreError:
-    """Full storage is CapacityError, a value cut short TransientError, the rest (refused
-    connections, HTTP and filesystem errors) DriverUnavailableError."""
+def _call_error(exc: Exception, operation: str) -> KVStoreError:
+    """The driver's ErrorMap: full storage is CapacityError, a value cut short
+    TransientError, the rest (refused connections, HTTP and filesystem errors)
+    DriverUnavailableError."""
     if isinstance(exc, OSError) and exc.errno in _FULL_DISK:
-        return CapacityError(f"{operation} on {where}: the storage is full: {exc}", driver=driver)
+        return CapacityError(f"{operation}: the storage is full: {exc}", driver=FsspecConfig.scheme)
     if isinstance(exc, EOFError):
-        return TransientError(f"{operation} on {where}: {exc}", driver=driver)
+        return TransientError(f"{operation}: {exc}", driver=FsspecConfig.scheme)
     return DriverUnavailableError(
-        f"{operation} on {where} failed: {type(exc).__name__}: {exc}", driver=driver
+        f"{operation} failed: {type(exc).__name__}: {exc}", driver=FsspecConfig.scheme
     )
 
 

@@ -6,14 +6,14 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-from collections.abc import Awaitable, Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from typing import Any, Protocol, TypeVar
 
 from fsspec.asyn import AsyncFileSystem
 
 from kvstore.driver import fill_into
+from kvstore.inflight import CallLease, gather_all
+from kvstore.threaded import DriverThreads
 
 from .layout import TEMP_MARKER, temp_path
 
@@ -25,44 +25,15 @@ READ_PIECE = 1 << 20
 first read of a streamed object."""
 
 
-class Abandoned(Exception):
-    """A worker thread found that the call it works for has already ended."""
-
-
-class Lease:
-    """A call's permission for worker threads to touch the caller's memory.
-
-    The call revokes it when it ends, in time or not; a thread copies into a
-    caller's buffer only while holding the lease's lock and only if the lease
-    is live, so once ``revoke`` returns no abandoned thread writes there again.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._live = True
-
-    def copy(self, target: memoryview, offset: int, source: Any) -> None:
-        with self._lock:
-            if not self._live:
-                raise Abandoned
-            target[offset : offset + len(source)] = source
-
-    def check(self) -> None:
-        if not self._live:
-            raise Abandoned
-
-    def revoke(self) -> None:
-        with self._lock:
-            self._live = False
-
-
 class Filesystem(Protocol):
     """What the driver needs of a filesystem, on paths it has already laid out."""
 
-    async def read(self, path: str, target: memoryview | None, lease: Lease) -> memoryview | None:
+    async def read(
+        self, path: str, target: memoryview | None, lease: CallLease
+    ) -> memoryview | None:
         """The value at ``path`` (in ``target`` when it fits), or ``None`` if absent."""
 
-    async def write(self, path: str, value: memoryview, lease: Lease) -> None:
+    async def write(self, path: str, value: memoryview, lease: CallLease) -> None:
         """Make ``value`` the whole content of ``path``, atomically for readers."""
 
     async def exists(self, path: str) -> bool:
@@ -78,14 +49,15 @@ class Filesystem(Protocol):
         """Create ``path`` (a directory, a bucket) unless it exists."""
 
     async def close(self) -> None:
-        """Release clients, sessions and threads."""
+        """Release clients and sessions."""
 
 
 class AsyncFilesystem:
     """An async fsspec implementation driven on the driver's event loop.
 
-    Every copy into a caller's buffer happens on the loop, so a call that is
-    cancelled or times out stops copying at once. Objects are streamed
+    Every copy into a caller's buffer happens on the loop under the call's
+    lease, so a call that is cancelled or times out stops copying at once, and
+    a put whose call has ended publishes nothing. Objects are streamed
     straight into the caller's buffer where the implementation offers
     ``open_async`` (s3fs), else fetched whole with ``_cat_file``.
     """
@@ -96,14 +68,17 @@ class AsyncFilesystem:
         self._slots = asyncio.Semaphore(concurrency)
         self._streams = type(fs).open_async is not AsyncFileSystem.open_async
 
-    async def read(self, path: str, target: memoryview | None, lease: Lease) -> memoryview | None:
+    async def read(
+        self, path: str, target: memoryview | None, lease: CallLease
+    ) -> memoryview | None:
         async with self._slots:
             if not self._streams:
                 try:
                     data = await self.fs._cat_file(path)
                 except FileNotFoundError:
                     return None
-                return fill_into(data, target)
+                with lease.touching():
+                    return fill_into(data, target)
             try:
                 stream = await self.fs.open_async(path, "rb")
                 chunk = await stream.read(READ_PIECE)
@@ -114,7 +89,7 @@ class AsyncFilesystem:
                 target = memoryview(bytearray(size))
             filled = 0
             while True:
-                target[filled : filled + len(chunk)] = chunk
+                lease.copy(target, filled, chunk)
                 filled += len(chunk)
                 if filled >= size:
                     return target[:size]
@@ -122,15 +97,17 @@ class AsyncFilesystem:
                 if not chunk:
                     raise EOFError(f"{path} ended after {filled} of {size} bytes")
 
-    async def write(self, path: str, value: memoryview, lease: Lease) -> None:
+    async def write(self, path: str, value: memoryview, lease: CallLease) -> None:
         async with self._slots:
             data = _as_bytes(value)
             if not self._rename:
+                lease.check()
                 await self._put(path, data)
                 return
             temp = temp_path(path)
             await self._put(temp, data)
             try:
+                lease.check()
                 await self.fs._mv_file(temp, path)
             except BaseException:
                 with suppress(Exception):
@@ -182,7 +159,7 @@ class AsyncFilesystem:
 class ThreadFilesystem:
     """A blocking fsspec implementation run on the driver's thread pool.
 
-    Threads touch a caller's buffer only through the call's ``Lease``: local
+    Threads touch a caller's buffer only through the call's ``CallLease``: local
     files are read in ``READ_PIECE`` pieces into a per-thread scratch buffer
     and copied under the lease; other filesystems hand back bytes
     (``cat_file``) that are copied the same way. A put reads the caller's
@@ -191,21 +168,22 @@ class ThreadFilesystem:
     bytes the caller had already taken back.
     """
 
-    def __init__(self, fs: Any, pool: ThreadPoolExecutor, *, rename: bool) -> None:
+    def __init__(self, fs: Any, threads: DriverThreads, *, rename: bool) -> None:
         self.fs = fs
-        self._pool = pool
+        self._threads = threads
         self._rename = rename
         self._local = bool(getattr(fs, "local_file", False))
         self._scratch = threading.local()
 
-    async def _run(self, function: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._pool, function, *args)
-
-    async def read(self, path: str, target: memoryview | None, lease: Lease) -> memoryview | None:
+    async def read(
+        self, path: str, target: memoryview | None, lease: CallLease
+    ) -> memoryview | None:
         reader = self._read_local if self._local else self._read_bytes
-        return await self._run(reader, path, target, lease)
+        return await self._threads.run(reader, path, target, lease)
 
-    def _read_bytes(self, path: str, target: memoryview | None, lease: Lease) -> memoryview | None:
+    def _read_bytes(
+        self, path: str, target: memoryview | None, lease: CallLease
+    ) -> memoryview | None:
         try:
             data = self.fs.cat_file(path)
         except FileNotFoundError:
@@ -215,7 +193,9 @@ class ThreadFilesystem:
         lease.copy(target, 0, data)
         return target[: len(data)]
 
-    def _read_local(self, path: str, target: memoryview | None, lease: Lease) -> memoryview | None:
+    def _read_local(
+        self, path: str, target: memoryview | None, lease: CallLease
+    ) -> memoryview | None:
         try:
             file = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by the with below
         except FileNotFoundError:
@@ -242,10 +222,10 @@ class ThreadFilesystem:
             self._scratch.buffer = scratch
         return scratch
 
-    async def write(self, path: str, value: memoryview, lease: Lease) -> None:
-        await self._run(self._write, path, value, lease)
+    async def write(self, path: str, value: memoryview, lease: CallLease) -> None:
+        await self._threads.run(self._write, path, value, lease)
 
-    def _write(self, path: str, value: memoryview, lease: Lease) -> None:
+    def _write(self, path: str, value: memoryview, lease: CallLease) -> None:
         if not self._rename:
             data = value.tobytes()
             lease.check()
@@ -270,10 +250,10 @@ class ThreadFilesystem:
             self.fs.pipe_file(path, data)
 
     async def exists(self, path: str) -> bool:
-        return bool(await self._run(self.fs.isfile, path))
+        return bool(await self._threads.run(self.fs.isfile, path))
 
     async def remove_many(self, paths: list[str]) -> list[bool]:
-        return await gather_all(self._run(self._remove, path) for path in paths)
+        return await gather_all(self._threads.run(self._remove, path) for path in paths)
 
     def _remove(self, path: str) -> bool:
         try:
@@ -283,7 +263,7 @@ class ThreadFilesystem:
         return True
 
     async def entries(self, root: str) -> list[tuple[str, int]]:
-        return await self._run(_local_entries if self._local else self._found_entries, root)
+        return await self._threads.run(_local_entries if self._local else self._found_entries, root)
 
     def _found_entries(self, root: str) -> list[tuple[str, int]]:
         try:
@@ -293,11 +273,12 @@ class ThreadFilesystem:
         return [(name, int(info["size"])) for name, info in found.items()]
 
     async def makedirs(self, path: str) -> None:
-        await self._run(lambda: self.fs.makedirs(path, exist_ok=True))
+        await self._threads.run(
+            lambda: self.fs.makedirs(path, exist_ok=True), operation=f"creating {path}"
+        )
 
     async def close(self) -> None:
-        """Stop the pool without waiting for threads a timed-out call left behind."""
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        """Nothing to release: the driver stops the threads."""
 
 
 def _read_exactly(file: Any, buffer: memoryview, path: str) -> None:
@@ -332,16 +313,3 @@ def _as_bytes(value: memoryview) -> bytes:
     if type(owner) is bytes and len(owner) == value.nbytes:
         return owner
     return value.tobytes()
-
-
-async def gather_all(work: Iterable[Awaitable[T]]) -> list[T]:
-    """Await every item; on the first failure cancel the rest and wait for them, so no
-    task of a finished call still runs."""
-    tasks = [asyncio.ensure_future(item) for item in work]
-    try:
-        return list(await asyncio.gather(*tasks))
-    except BaseException:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
