@@ -21,17 +21,17 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from functools import partial
-from typing import Annotated, ClassVar, Literal
+from typing import ClassVar
 
-from pydantic import Field, field_validator
 from typing_extensions import Self
 
 from kvstore.config_url import DriverConfig
 from kvstore.driver import Capabilities, Driver, KeyEntry, Usage
 from kvstore.errors import CapacityError, DriverUnavailableError, KVStoreError
-from kvstore.sizes import ByteSize, format_size
+from kvstore.sizes import format_size
 from kvstore.threaded import DriverThreads
 
+from .config import NvmeConfig
 from .directio import (
     O_CLOEXEC,
     O_DIRECT,
@@ -45,7 +45,6 @@ from .directio import (
 )
 from .index import EntryIndex
 from .layout import (
-    ALIGN,
     LOCK_NAME,
     SHARDS,
     SLOTS_DIR,
@@ -64,44 +63,6 @@ log = logging.getLogger(__name__)
 ZERO_COPY_NOTE = "get into buffers at 4096-aligned addresses (buffered I/O: any buffer)"
 _READ_ATTEMPTS = 3
 _FULL_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-
-
-class NvmeConfig(DriverConfig):
-    """Where and how the nvme driver stores values.
-
-    path: the store directory (created if missing), absolute or relative.
-    capacity: hard limit on the disk bytes the value files take (each value's
-        ``footprint``: a 4 KiB header plus the value padded to 4 KiB); a put past
-        it raises CapacityError.
-    direct_io: ``auto`` uses O_DIRECT and falls back to buffered I/O where the
-        filesystem refuses it; ``on`` makes that refusal an error; ``off`` is buffered.
-    io_threads: threads doing disk I/O, i.e. the queue depth the driver keeps.
-    io_block: bytes per pread/pwrite; larger values move as parallel pieces.
-    fsync: sync files and directories so a put survives power loss.
-    slots: how many processes may use ``path`` at once, each in a private slot
-        of it: the first takes ``path`` itself, the others the first free one of
-        ``path/slots/1`` .. ``path/slots/{slots-1}`` (a slot is free when no live
-        process holds its lock, so a restarted process reuses one). ``1``: a
-        second open of a directory in use is an error.
-    """
-
-    scheme: ClassVar[str] = "nvme"
-    location_field: ClassVar[str | None] = "path"
-
-    path: str = Field(min_length=1)
-    capacity: Annotated[ByteSize, Field(gt=0)]
-    direct_io: Literal["auto", "on", "off"] = "auto"
-    io_threads: int = Field(default=8, ge=1, le=1024)
-    io_block: ByteSize = 4 << 20
-    fsync: bool = True
-    slots: int = Field(default=64, ge=1, le=4096)
-
-    @field_validator("io_block")
-    @classmethod
-    def _whole_blocks(cls, value: int) -> int:
-        if value <= 0 or value % ALIGN:
-            raise ValueError(f"io_block must be a positive multiple of {ALIGN} bytes")
-        return value
 
 
 class NvmeDriver(Driver[NvmeConfig]):
