@@ -5,8 +5,11 @@
 Values are split into ``io_block`` pieces that a pool of ``io_threads``
 threads reads or writes in parallel with ``preadv``/``pwritev`` (GIL
 released), straight from or into the caller's memory when it is 4 KiB
-aligned. A put becomes visible only once its file is complete and synced:
-temp file, fsync, atomic rename, fsync of the directory. One process owns
+aligned; opens, syncs, renames and closes run on a second pool of as many
+threads, so a batch's file steps never queue behind other batches' pieces
+(read-ahead batches finish in order, not all together). A put becomes
+visible only once its file is complete and synced: temp file, fsync, atomic
+rename, fsync of the directory. One process owns
 the directory; others that open it each take a private slot of it.
 """
 
@@ -88,6 +91,7 @@ class NvmeDriver(Driver[NvmeConfig]):
         root: str,
         lock_fd: int,
         threads: DriverThreads,
+        files: DriverThreads,
         index: EntryIndex,
         io_mode: str,
     ) -> None:
@@ -95,6 +99,7 @@ class NvmeDriver(Driver[NvmeConfig]):
         self._root = root
         self._lock_fd = lock_fd
         self._threads = threads
+        self._files = files
         self._index = index
         self._direct = io_mode == "O_DIRECT"
         self._scratch = Scratch(config.io_block)
@@ -111,20 +116,28 @@ class NvmeDriver(Driver[NvmeConfig]):
     @classmethod
     async def open(cls, config: NvmeConfig) -> Self:
         """Lock the directory, choose the I/O mode, clean leftovers and rebuild the index."""
-        threads = DriverThreads(
-            config.scheme,
-            config.io_threads,
-            lambda exc, _: (
+
+        def errors(exc: Exception, operation: str) -> KVStoreError | None:
+            return (
                 _disk_error(exc, config.path, config.scheme) if isinstance(exc, OSError) else None
-            ),
-        )
+            )
+
+        threads = DriverThreads(config.scheme, config.io_threads, errors)
+        files = DriverThreads(config.scheme, config.io_threads, errors)
         try:
             root, lock_fd, index, io_mode = await asyncio.to_thread(_prepare, config, threads.pool)
         except BaseException:
             await threads.close()
+            await files.close()
             raise
         return cls(
-            config, root=root, lock_fd=lock_fd, threads=threads, index=index, io_mode=io_mode
+            config,
+            root=root,
+            lock_fd=lock_fd,
+            threads=threads,
+            files=files,
+            index=index,
+            io_mode=io_mode,
         )
 
     @property
@@ -175,6 +188,7 @@ class NvmeDriver(Driver[NvmeConfig]):
 
     async def _close(self) -> None:
         await self._threads.close()
+        await self._files.close()
         await asyncio.to_thread(self._unlock)
 
     def _unlock(self) -> None:
@@ -195,11 +209,11 @@ class NvmeDriver(Driver[NvmeConfig]):
             else:
                 staged.append((key, len(value), outcome))
         if staged:
-            directories, publish_errors = await self._threads.run(self._publish, staged)
+            directories, publish_errors = await self._files.run(self._publish, staged)
             errors.extend(_disk_error(exc, self._root, self.name) for exc in publish_errors)
             if self.config.fsync:
                 synced = await asyncio.gather(
-                    *(self._threads.run(_fsync_directory, path) for path in directories),
+                    *(self._files.run(_fsync_directory, path) for path in directories),
                     return_exceptions=True,
                 )
                 errors.extend(exc for exc in synced if isinstance(exc, BaseException))
@@ -215,7 +229,7 @@ class NvmeDriver(Driver[NvmeConfig]):
         if len(parts) == 1:
             await self._threads.run(self._write_whole, path, transfer, parts[0], header)
             return path
-        fd = await self._threads.run(self._create_temp, path)
+        fd = await self._files.run(self._create_temp, path)
         scratch = self._scratch
         outcomes = await asyncio.gather(
             *(
@@ -227,7 +241,7 @@ class NvmeDriver(Driver[NvmeConfig]):
             return_exceptions=True,
         )
         failure = next((exc for exc in outcomes if isinstance(exc, BaseException)), None)
-        await self._threads.run(self._seal_temp, fd, path, failure is None)
+        await self._files.run(self._seal_temp, fd, path, failure is None)
         if failure is not None:
             raise failure
         return path
@@ -309,7 +323,7 @@ class NvmeDriver(Driver[NvmeConfig]):
         parts = pieces(transfer.length, self.config.io_block)
         if len(parts) == 1:
             return await self._threads.run(self._read_whole, path, key, transfer)
-        fd = await self._threads.run(self._open_value, path)
+        fd = await self._files.run(self._open_value, path)
         if fd is None:
             return None
         outcomes = await asyncio.gather(
@@ -324,12 +338,12 @@ class NvmeDriver(Driver[NvmeConfig]):
         read: list[tuple[tuple[bytes, int] | None, bool]] = []
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
-                await self._threads.run(os.close, fd)
+                await self._files.run(os.close, fd)
                 raise outcome
             read.append(outcome)
         header = read[0][0]
         complete = all(piece_complete for _, piece_complete in read)
-        return await self._threads.run(
+        return await self._files.run(
             self._conclude_read, fd, path, key, transfer.length, header, complete
         )
 
@@ -390,11 +404,9 @@ class NvmeDriver(Driver[NvmeConfig]):
         return self._index.remove(key, unlink_same)
 
     async def _delete_batch(self, keys: list[bytes]) -> list[bool]:
-        removed, directories = await self._threads.run(self._unlink_values, keys)
+        removed, directories = await self._files.run(self._unlink_values, keys)
         if self.config.fsync and directories:
-            await asyncio.gather(
-                *(self._threads.run(_fsync_directory, path) for path in directories)
-            )
+            await asyncio.gather(*(self._files.run(_fsync_directory, path) for path in directories))
         return removed
 
     def _unlink_values(self, keys: list[bytes]) -> tuple[list[bool], set[str]]:
