@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any, NoReturn, TypeVar
 
 from kvstore.errors import DriverClosedError, DriverTimeoutError, KVStoreError
@@ -44,9 +44,15 @@ which propagates unchanged and the store reports as an internal error)."""
 class DriverThreads:
     """The thread pool of one driver and the calls running on it."""
 
-    def __init__(self, driver: str, threads: int, errors: ErrorMap) -> None:
+    def __init__(
+        self, driver: str, threads: int, errors: ErrorMap, *, pool: Executor | None = None
+    ) -> None:
+        """``threads`` worker threads, or ``pool`` when the driver brings its own executor
+        (one that orders its work, say) of that many threads."""
         self.driver = driver
-        self.pool = ThreadPoolExecutor(threads, thread_name_prefix=f"kvstore-{driver}")
+        self.pool: Executor = pool or ThreadPoolExecutor(
+            threads, thread_name_prefix=f"kvstore-{driver}"
+        )
         self._errors = errors
         self._calls = InflightCalls()
 
