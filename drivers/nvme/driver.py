@@ -5,9 +5,10 @@
 Values are split into ``io_block`` pieces that a pool of ``io_threads``
 threads reads or writes in parallel with ``preadv``/``pwritev`` (GIL
 released), straight from or into the caller's memory when it is 4 KiB
-aligned; opens, syncs, renames and closes run on a second pool of as many
-threads, so a batch's file steps never queue behind other batches' pieces
-(read-ahead batches finish in order, not all together). A put becomes
+aligned; the pieces of earlier calls go first (ordered.py), and opens,
+syncs, renames and closes run on a second pool of as many threads, so a
+batch's file steps never queue behind other batches' pieces: read-ahead
+batches finish in the order they were asked for, not all together. A put becomes
 visible only once its file is complete and synced: temp file, fsync, atomic
 rename, fsync of the directory. One process owns
 the directory; others that open it each take a private slot of it.
@@ -18,13 +19,14 @@ from __future__ import annotations
 import asyncio
 import errno
 import fcntl
+import itertools
 import logging
 import os
-from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Coroutine
+from concurrent.futures import Executor
 from contextlib import suppress
 from functools import partial
-from typing import ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from typing_extensions import Self
 
@@ -59,8 +61,11 @@ from .layout import (
     scan_shard,
     temp_path,
 )
+from .ordered import CALL_ORDER, OrderedPool
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 ZERO_COPY_NOTE = "get into buffers at 4096-aligned addresses (buffered I/O: any buffer)"
@@ -100,6 +105,7 @@ class NvmeDriver(Driver[NvmeConfig]):
         self._lock_fd = lock_fd
         self._threads = threads
         self._files = files
+        self._call_numbers = itertools.count(1)
         self._index = index
         self._direct = io_mode == "O_DIRECT"
         self._scratch = Scratch(config.io_block)
@@ -122,7 +128,8 @@ class NvmeDriver(Driver[NvmeConfig]):
                 _disk_error(exc, config.path, config.scheme) if isinstance(exc, OSError) else None
             )
 
-        threads = DriverThreads(config.scheme, config.io_threads, errors)
+        pieces = OrderedPool(config.io_threads, "kvstore-nvme")
+        threads = DriverThreads(config.scheme, config.io_threads, errors, pool=pieces)
         files = DriverThreads(config.scheme, config.io_threads, errors)
         try:
             root, lock_fd, index, io_mode = await asyncio.to_thread(_prepare, config, threads.pool)
@@ -165,19 +172,19 @@ class NvmeDriver(Driver[NvmeConfig]):
                 f"{self._index.used} of {capacity} bytes are used",
                 driver=self.name,
             )
-        await self._threads.complete(self._put_batch(values))
+        await self._in_order(self._put_batch(values))
 
     async def _get_many(
         self, keys: list[bytes], into: list[memoryview | None] | None
     ) -> list[memoryview | None]:
         targets: list[memoryview | None] = [None] * len(keys) if into is None else into
-        return await self._threads.complete(self._get_batch(keys, targets))
+        return await self._in_order(self._get_batch(keys, targets))
 
     async def _contains_many(self, keys: list[bytes]) -> list[bool]:
         return [key in self._index for key in keys]
 
     async def _delete_many(self, keys: list[bytes]) -> list[bool]:
-        return await self._threads.complete(self._delete_batch(keys))
+        return await self._in_order(self._delete_batch(keys))
 
     async def _list(self) -> AsyncIterator[KeyEntry]:
         for entry in self._index.entries():
@@ -190,6 +197,15 @@ class NvmeDriver(Driver[NvmeConfig]):
         await self._threads.close()
         await self._files.close()
         await asyncio.to_thread(self._unlock)
+
+    async def _in_order(self, work: Coroutine[Any, Any, T]) -> T:
+        """Run one driver call under the next ``CALL_ORDER`` number, so its pieces are
+        served before those of calls made after it."""
+        token = CALL_ORDER.set(next(self._call_numbers))
+        try:
+            return await self._threads.complete(work)
+        finally:
+            CALL_ORDER.reset(token)
 
     def _unlock(self) -> None:
         fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
@@ -429,7 +445,7 @@ def _disk_error(exc: OSError, where: str, driver: str) -> KVStoreError:
     return DriverUnavailableError(f"disk I/O failed under {where}: {exc}", driver=driver)
 
 
-def _prepare(config: NvmeConfig, pool: ThreadPoolExecutor) -> tuple[str, int, EntryIndex, str]:
+def _prepare(config: NvmeConfig, pool: Executor) -> tuple[str, int, EntryIndex, str]:
     """Blocking part of ``open``: the slot directory taken and its lock, the shard
     directories, the I/O mode and the index."""
     path = os.path.abspath(config.path)
