@@ -34,14 +34,8 @@ from kvstore.conformance import (
 )
 from kvstore.driver import Driver
 from kvstore.drivers.fsspec.baseline import RawClientBaseline
-from kvstore.drivers.fsspec.driver import (
-    FsspecConfig,
-    FsspecDriver,
-    _Abandoned,
-    _Lease,
-    decode_option,
-    encode_option,
-)
+from kvstore.drivers.fsspec.config import FsspecConfig, decode_option, encode_option
+from kvstore.drivers.fsspec.driver import FsspecDriver
 from kvstore.drivers.fsspec.layout import SEGMENT_HEX, key_of, relative_path, temp_path
 from kvstore.errors import (
     ConfigError,
@@ -50,6 +44,7 @@ from kvstore.errors import (
     DriverUnavailableError,
     TransientError,
 )
+from kvstore.inflight import CallAbandoned, CallLease
 from kvstore.keys import Namespace
 from kvstore.layout import KVLayout
 from kvstore.registry import open_driver, parse_url
@@ -334,12 +329,12 @@ async def test_file_and_s3_are_persistent_and_shared(tmp_path: Path, s3_url: str
 
 def test_lease_blocks_copies_once_revoked() -> None:
     target = memoryview(bytearray(8))
-    lease = _Lease()
+    lease = CallLease()
     lease.copy(target, 0, b"ab")
     lease.revoke()
-    with pytest.raises(_Abandoned):
+    with pytest.raises(CallAbandoned):
         lease.copy(target, 2, b"cd")
-    with pytest.raises(_Abandoned):
+    with pytest.raises(CallAbandoned):
         lease.check()
     assert bytes(target) == b"ab" + bytes(6)
 

@@ -26,7 +26,8 @@ from prerequisites import requires
 
 from kvstore.config import StoreConfig
 from kvstore.conformance import DriverTests
-from kvstore.drivers.mooncake.driver import MooncakeConfig, MooncakeDriver
+from kvstore.drivers.mooncake.config import MooncakeConfig
+from kvstore.drivers.mooncake.driver import MooncakeDriver
 from kvstore.errors import (
     ConfigError,
     DriverUnavailableError,

@@ -20,8 +20,9 @@ import numpy as np
 import pytest
 
 from kvstore.driver import Driver
+from kvstore.drivers.nvme.config import NvmeConfig
 from kvstore.drivers.nvme.directio import O_DIRECT, address_of, aligned_buffer
-from kvstore.drivers.nvme.driver import NvmeConfig, NvmeDriver
+from kvstore.drivers.nvme.driver import NvmeDriver
 from kvstore.drivers.nvme.layout import (
     ALIGN,
     HEADER_SIZE,

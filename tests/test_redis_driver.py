@@ -33,7 +33,8 @@ from kvstore.config import StoreConfig
 from kvstore.conformance import DriverTests
 from kvstore.conformance.suite import BatchTests, CoreTests
 from kvstore.drivers.redis.baseline import RawClientBaseline
-from kvstore.drivers.redis.driver import RedisConfig, RedisDriver, RedissConfig
+from kvstore.drivers.redis.config import RedisConfig, RedissConfig
+from kvstore.drivers.redis.driver import RedisDriver
 from kvstore.drivers.redis.layout import KeyNames, Manifest
 from kvstore.errors import (
     CapacityError,

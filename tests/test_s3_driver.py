@@ -19,7 +19,8 @@ from s3_server import HOST, SECRET_ACCESS_KEY, MotoS3Server, free_port
 
 from kvstore.config import StoreConfig
 from kvstore.conformance import DriverTests
-from kvstore.drivers.s3.driver import S3Config, S3Driver
+from kvstore.drivers.s3.config import S3Config
+from kvstore.drivers.s3.driver import S3Driver
 from kvstore.drivers.s3.naming import key_of, object_name, shard_of
 from kvstore.errors import (
     ConfigError,

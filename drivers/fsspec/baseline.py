@@ -20,7 +20,7 @@ from typing import Any
 
 import fsspec
 
-from .driver import FsspecConfig
+from .config import FsspecConfig
 
 
 class RawClientBaseline:

@@ -21,7 +21,7 @@ from mooncake.store import ReplicateConfig
 from kvstore.errors import DriverUnavailableError, TransientError
 
 from .client import CONNECTIONS, ClientSettings, group_indices, local_address
-from .driver import MooncakeConfig
+from .config import MooncakeConfig
 from .status import OK, name
 
 

@@ -24,8 +24,9 @@ from typing import Any, TypeVar
 from mooncake.store import BufferPool, MooncakeDistributedStore, ReplicateConfig
 
 from kvstore.errors import DriverUnavailableError, TransientError
+from kvstore.inflight import CallLease
 
-from .memory import Guard, address_of, copy, fresh_buffer, view_at
+from .memory import address_of, copy, fresh_buffer, view_at
 from .status import ABSENT, INVALID_PARAMS, OK, RETRY, UNREACHABLE, failure
 
 PAD = 1
@@ -54,10 +55,6 @@ CLOSE_RECHECK_S = 30.0
 """How often an idle client whose master is down checks whether it can close."""
 
 T = TypeVar("T")
-
-
-class Abandoned(Exception):
-    """The caller gave up on the call (timeout or cancellation); its result is unwanted."""
 
 
 @dataclass(frozen=True)
@@ -254,15 +251,15 @@ class MooncakeClient:
             connection.suspect = False
         return job()
 
-    def put_staged(self, names: list[str], values: list[memoryview], guard: Guard) -> list[int]:
+    def put_staged(self, names: list[str], values: list[memoryview], guard: CallLease) -> list[int]:
         """Copy values into one staging lease (each with its pad) and upsert them."""
         sizes = [len(value) + PAD for value in values]
         lease = self._lease(sum(sizes))
         try:
             pointers = _offsets(lease.ptr, sizes)
             for pointer, value in zip(pointers, values):
-                if not guard.copy(pointer, address_of(value), len(value)):
-                    raise Abandoned
+                with guard.touching():
+                    copy(pointer, address_of(value), len(value))
                 ctypes.memset(pointer + len(value), 0, PAD)
             return self._upsert(names, pointers, sizes)
         finally:
@@ -272,7 +269,9 @@ class MooncakeClient:
         """Upsert values straight from registered memory; ``sizes`` include the pad."""
         return self._upsert(names, addresses, sizes)
 
-    def get_direct(self, names: list[str], targets: list[memoryview], guard: Guard) -> list[Result]:
+    def get_direct(
+        self, names: list[str], targets: list[memoryview], guard: CallLease
+    ) -> list[Result]:
         """Read values straight into registered targets; those that do not fit are
         read again through staging, into a fresh buffer."""
         pointers = [address_of(target) for target in targets]
@@ -290,7 +289,7 @@ class MooncakeClient:
         return results
 
     def get_staged(
-        self, names: list[str], targets: list[memoryview], guard: Guard, limit: int
+        self, names: list[str], targets: list[memoryview], guard: CallLease, limit: int
     ) -> list[Result]:
         """Read values through one staging lease sized by the targets (a value that fits
         its target fits the lease) and copy each into its target."""
@@ -304,8 +303,8 @@ class MooncakeClient:
             for index, (pointer, code) in enumerate(zip(pointers, codes)):
                 if code >= PAD:
                     target = targets[index]
-                    if not guard.copy(address_of(target), pointer, code - PAD):
-                        raise Abandoned
+                    with guard.touching():
+                        copy(address_of(target), pointer, code - PAD)
                     results[index] = target[: code - PAD]
                 elif code == INVALID_PARAMS:
                     larger.append(index)
@@ -317,7 +316,7 @@ class MooncakeClient:
         return results
 
     def get_sized(
-        self, names: list[str], targets: Sequence[memoryview | None], guard: Guard
+        self, names: list[str], targets: Sequence[memoryview | None], guard: CallLease
     ) -> list[Result]:
         """Read values of unknown size: ask each size, read through a lease of their
         sum, and copy each into its target where it fits, else into a fresh buffer."""
@@ -441,7 +440,7 @@ class MooncakeClient:
         targets: Sequence[memoryview | None],
         indices: list[int],
         results: list[Result],
-        guard: Guard,
+        guard: CallLease,
     ) -> None:
         """Read again, sized, the values too large for the buffer first given."""
         if indices:
@@ -457,7 +456,7 @@ class MooncakeClient:
         targets: Sequence[memoryview | None],
         sizes: dict[int, int],
         results: list[Result],
-        guard: Guard,
+        guard: CallLease,
     ) -> list[int]:
         """Read the keys of ``sizes`` (stored sizes, pad included) through one lease;
         the indices whose value grew meanwhile, to be read again."""
@@ -481,11 +480,11 @@ class MooncakeClient:
         return grown
 
 
-def _deliver(source: int, size: int, target: memoryview | None, guard: Guard) -> memoryview:
+def _deliver(source: int, size: int, target: memoryview | None, guard: CallLease) -> memoryview:
     """A value read to ``source``, copied into ``target`` when it fits, else into a new buffer."""
     if target is not None and size <= len(target):
-        if not guard.copy(address_of(target), source, size):
-            raise Abandoned
+        with guard.touching():
+            copy(address_of(target), source, size)
         return target[:size]
     view, address = fresh_buffer(size)
     copy(address, source, size)

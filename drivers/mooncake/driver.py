@@ -26,12 +26,10 @@ import threading
 import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractAsyncContextManager
 from functools import partial
-from typing import Annotated, Any, ClassVar, Literal, TypeVar
+from typing import Any, ClassVar, TypeVar
 
-from pydantic import Field, field_validator
 from typing_extensions import Buffer, Self
 
 from kvstore.config_url import DriverConfig
@@ -45,21 +43,23 @@ from kvstore.errors import (
     NotSupportedError,
     TransientError,
 )
-from kvstore.sizes import ByteSize, format_size
+from kvstore.inflight import CallLease, gather_all
+from kvstore.sizes import format_size
+from kvstore.threaded import DriverThreads
 
 from . import status
 from .client import (
     CONNECTIONS,
     GROUP_KEYS,
     PAD,
-    Abandoned,
     ClientSettings,
     MooncakeClient,
     Result,
     group_indices,
     local_address,
 )
-from .memory import Guard, Region, Regions, address_of
+from .config import MooncakeConfig
+from .memory import Region, Regions, address_of
 
 log = logging.getLogger(__name__)
 
@@ -74,93 +74,6 @@ _LEASE_POLL_S = (0.05, 0.5)
 _STATIC = Capabilities(persistent=False, listable=False, lends_views=True, shared=True)
 
 
-class MooncakeConfig(DriverConfig):
-    """How to reach a Mooncake store and what this client brings to it.
-
-    master: the master's RPC address, ``host:port`` (the URL's location).
-    metadata: the transfer engine's metadata service: ``P2PHANDSHAKE`` (none
-        needed), ``http://host:port/metadata`` or ``etcd://host:port``.
-    protocol: ``tcp``, or ``rdma`` on hosts with RDMA NICs.
-    device_name: RDMA devices to use (``mlx5_0,mlx5_1``); empty picks them.
-    local_hostname: the address other clients reach this one at; by default
-        the address of the interface that routes to the master.
-    global_segment_size: memory this client mounts into the cluster's pool
-        (0: a pure client that stores into other clients' segments).
-    local_buffer_size: this client's registered buffer; staging leases come
-        from it, so it bounds the largest value and the bytes in flight.
-    replicas: memory replicas of each value.
-    prefix: prepended to every object name, so stores can share a cluster.
-    max_value: largest value accepted (also capped by the buffer and segment).
-    io_threads: worker threads making blocking client calls.
-    op_timeout: seconds a call may take before DriverTimeoutError.
-    connect_timeout: seconds ``open`` waits for the client to set up.
-    lease_wait: seconds ``delete_many`` retries keys held by read leases
-        (the master's ``default_kv_lease_ttl``, 10 s unless set) before
-        TransientError.
-    force_delete: delete leased objects at once (unsafe for readers in other
-        processes mid-transfer).
-    metrics_port: the master's metrics port (its ``--metrics_port``), read by
-        ``usage``; ``None``: usage is not supported.
-    linger: seconds a client no open driver uses stays set up for the next one
-        (drivers of one process and connection settings share a client).
-    """
-
-    scheme: ClassVar[str] = "mooncake"
-    location_field: ClassVar[str | None] = "master"
-
-    master: str
-    metadata: str = Field(default="P2PHANDSHAKE", min_length=1)
-    protocol: Literal["tcp", "rdma"] = "tcp"
-    device_name: str = ""
-    local_hostname: str | None = None
-    global_segment_size: ByteSize = 1 << 30
-    local_buffer_size: Annotated[ByteSize, Field(ge=1 << 20)] = 256 << 20
-    replicas: int = Field(default=1, ge=1, le=64)
-    prefix: str = "kvstore/"
-    max_value: Annotated[ByteSize, Field(gt=0)] | None = None
-    io_threads: int = Field(default=4, ge=1, le=256)
-    op_timeout: float = Field(default=30.0, gt=0)
-    connect_timeout: float = Field(default=30.0, gt=0)
-    lease_wait: float = Field(default=11.0, ge=0)
-    force_delete: bool = False
-    metrics_port: int | None = Field(default=9003, ge=1, le=65535)
-    linger: float = Field(default=10.0, ge=0)
-
-    @field_validator("master")
-    @classmethod
-    def _host_and_port(cls, value: str) -> str:
-        host, sep, port = value.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"the master must be host:port, got {value!r}")
-        return value
-
-    @field_validator("local_hostname", "max_value", "metrics_port", mode="before")
-    @classmethod
-    def _empty_is_none(cls, value: object) -> object:
-        """``option=`` in a URL (how ``to_url`` writes ``None``) means unset."""
-        return None if value == "" else value
-
-    @property
-    def master_host(self) -> str:
-        return self.master.rpartition(":")[0].strip("[]")
-
-    @property
-    def group_bytes(self) -> int:
-        """Bytes of values one batch call moves: half the buffer over the threads, so
-        every thread can hold a staging lease with room to spare."""
-        return max(1, self.local_buffer_size // (2 * self.io_threads))
-
-    @property
-    def value_limit(self) -> int:
-        """The largest value: it must fit a lease and, if this client mounts memory, its segment."""
-        limits = [self.local_buffer_size - PAD]
-        if self.global_segment_size:
-            limits.append(self.global_segment_size - PAD)
-        if self.max_value is not None:
-            limits.append(self.max_value)
-        return max(0, min(limits))
-
-
 class MooncakeDriver(Driver[MooncakeConfig]):
     """Values as objects of a Mooncake store; a shared, evicting cache."""
 
@@ -170,10 +83,9 @@ class MooncakeDriver(Driver[MooncakeConfig]):
     def __init__(self, config: MooncakeConfig, client: MooncakeClient) -> None:
         super().__init__(config)
         self._client = client
-        self._pool = ThreadPoolExecutor(config.io_threads, thread_name_prefix="kvstore-mooncake")
+        self._threads = DriverThreads(config.scheme, config.io_threads, _client_failure)
         self._stripes = [asyncio.Lock() for _ in range(_STRIPES)]
         self._regions = Regions()
-        self._inflight: set[asyncio.Future[Any]] = set()
         self._loans: set[_Loan] = set()
         self._limit = config.value_limit
         self._group_bytes = config.group_bytes
@@ -269,7 +181,7 @@ class MooncakeDriver(Driver[MooncakeConfig]):
         names = [self._object_name(key) for key in keys]
         direct = self._registered([(value, len(value) + PAD) for value in values])
         jobs: list[Callable[[], list[int]]] = []
-        guards: list[Guard] = []
+        guard = CallLease()
         sizes = [len(value) + PAD for value in values]
         for group in group_indices(
             [i for i in range(len(keys)) if direct[i]], sizes, self._group_bytes
@@ -285,8 +197,6 @@ class MooncakeDriver(Driver[MooncakeConfig]):
             )
         staged = [i for i in range(len(keys)) if not direct[i]]
         for group in group_indices(staged, sizes, self._group_bytes):
-            guard = Guard()
-            guards.append(guard)
             jobs.append(
                 partial(
                     self._client.put_staged,
@@ -295,7 +205,7 @@ class MooncakeDriver(Driver[MooncakeConfig]):
                     guard,
                 )
             )
-        outcomes = await self._run(jobs, keys=keys, guards=guards)
+        outcomes = await self._run(jobs, keys=keys, guard=guard)
         failed = next((code for codes in outcomes for code in codes if code != status.OK), None)
         if failed is not None:
             raise self._failure(failed, f"storing {len(keys)} values")
@@ -324,43 +234,40 @@ class MooncakeDriver(Driver[MooncakeConfig]):
         hints = [PAD + (0 if t is None else min(len(t), self._limit)) for t in targets]
         groups: list[list[int]] = []
         jobs: list[Callable[[], list[Result]]] = []
-        guards: list[Guard] = []
+        guard = CallLease()
         for group in group_indices(direct, hints, self._group_bytes):
-            guards.append(Guard())
             jobs.append(
                 partial(
                     self._client.get_direct,
                     [names[i] for i in group],
                     [present[i] for i in group],
-                    guards[-1],
+                    guard,
                 )
             )
             groups.append(group)
         for group in group_indices(staged, hints, self._group_bytes):
-            guards.append(Guard())
             jobs.append(
                 partial(
                     self._client.get_staged,
                     [names[i] for i in group],
                     [present[i] for i in group],
-                    guards[-1],
+                    guard,
                     self._limit,
                 )
             )
             groups.append(group)
         for start in range(0, len(sized), GROUP_KEYS):
             group = sized[start : start + GROUP_KEYS]
-            guards.append(Guard())
             jobs.append(
                 partial(
                     self._client.get_sized,
                     [names[i] for i in group],
                     [None] * len(group),
-                    guards[-1],
+                    guard,
                 )
             )
             groups.append(group)
-        outcomes = await self._run(jobs, keys=keys, guards=guards)
+        outcomes = await self._run(jobs, keys=keys, guard=guard)
         values: list[memoryview | None] = [None] * len(keys)
         for group, results in zip(groups, outcomes):
             for index, result in zip(group, results):
@@ -476,19 +383,16 @@ class MooncakeDriver(Driver[MooncakeConfig]):
     async def _close(self) -> None:
         """Wait for calls in flight (bounded), end open loans, unregister memory and hand
         the shared client back (it closes ``linger`` seconds after its last driver)."""
-        if self._inflight:
-            await asyncio.wait(set(self._inflight), timeout=self.config.op_timeout)
+        finished = await self._threads.close(timeout=self.config.op_timeout)
         for loan in list(self._loans):
             log.warning("mooncake: closed with a loan still open; its views are now invalid")
             loan.release()
-        if any(not batch.done() for batch in self._inflight):
+        if not finished:
             log.warning("mooncake: client calls still running at close; the client stays set up")
-            self._pool.shutdown(wait=False)
             return
         await asyncio.to_thread(self._shut_down, list(self._regions))
 
     def _shut_down(self, regions: list[Region]) -> None:
-        self._pool.shutdown(wait=True)
         for region in regions:
             self._client.unregister(region.start)
         CONNECTIONS.release(self._client.connection.settings, linger=self.config.linger)
@@ -512,43 +416,27 @@ class MooncakeDriver(Driver[MooncakeConfig]):
         jobs: Sequence[Callable[[], T]],
         *,
         keys: Iterable[bytes] = (),
-        guards: Sequence[Guard] = (),
+        guard: CallLease | None = None,
     ) -> list[T]:
-        """Run blocking jobs on the worker pool, holding the lock stripes of ``keys``
+        """Run blocking jobs on the worker threads, holding the lock stripes of ``keys``
         until every job has ended (even one whose caller gave up), all within
-        ``op_timeout``; a timeout or cancellation abandons the guards, so no worker
-        touches the caller's buffers after this returns."""
+        ``op_timeout``. Jobs touch the caller's buffers only through ``guard``, which a
+        timeout or cancellation revokes, so the call ends then without waiting for them."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.config.op_timeout
         held = await self._lock(sorted({hash(key) % _STRIPES for key in keys}), deadline)
+        return await self._threads.complete(
+            self._batch(jobs, held),
+            operation=f"a call within op_timeout={self.config.op_timeout} s",
+            lease=guard or CallLease(),
+            timeout=max(0.0, deadline - loop.time()),
+        )
+
+    async def _batch(self, jobs: Sequence[Callable[[], T]], held: list[int]) -> list[T]:
         try:
-            batch = asyncio.gather(
-                *(loop.run_in_executor(self._pool, self._client.call, job) for job in jobs),
-                return_exceptions=True,
-            )
-        except BaseException:
+            return await gather_all([self._threads.run(self._client.call, job) for job in jobs])
+        finally:
             self._unlock(held)
-            raise
-        self._inflight.add(batch)
-        batch.add_done_callback(partial(self._settle, held))
-        try:
-            outcomes = await asyncio.wait_for(
-                asyncio.shield(batch), max(0.0, deadline - loop.time())
-            )
-        except (asyncio.TimeoutError, asyncio.CancelledError) as exc:
-            for guard in guards:
-                guard.abandon()
-            if isinstance(exc, asyncio.CancelledError):
-                raise
-            raise DriverTimeoutError(
-                f"a call took longer than op_timeout={self.config.op_timeout} s", driver=self.name
-            ) from None
-        results: list[T] = []
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException):
-                raise self._unexpected(outcome)
-            results.append(outcome)
-        return results
 
     async def _lock(self, stripes: list[int], deadline: float) -> list[int]:
         loop = asyncio.get_running_loop()
@@ -575,19 +463,6 @@ class MooncakeDriver(Driver[MooncakeConfig]):
     def _unlock(self, held: list[int]) -> None:
         for stripe in held:
             self._stripes[stripe].release()
-
-    def _settle(self, held: list[int], batch: asyncio.Future[Any]) -> None:
-        self._unlock(held)
-        self._inflight.discard(batch)
-
-    def _unexpected(self, exc: BaseException) -> KVStoreError:
-        if isinstance(exc, KVStoreError):
-            return exc
-        if isinstance(exc, Abandoned):
-            return DriverTimeoutError("the call was abandoned", driver=self.name)
-        return TransientError(
-            f"the Mooncake client failed: {type(exc).__name__}: {exc}", driver=self.name
-        )
 
 
 class _Loan:
@@ -659,6 +534,13 @@ def _release_late_client(linger: float, future: concurrent.futures.Future[Moonca
     """Hand back a client whose setup finished after ``open`` gave up on it."""
     if not future.cancelled() and future.exception() is None:
         CONNECTIONS.release(future.result().connection.settings, linger=linger)
+
+
+def _client_failure(exc: Exception, operation: str) -> KVStoreError:
+    """The driver's ErrorMap: whatever the Mooncake client raises may pass on a retry."""
+    return TransientError(
+        f"the Mooncake client failed: {type(exc).__name__}: {exc}", driver=MooncakeConfig.scheme
+    )
 
 
 def _read_metrics(url: str, timeout: float) -> dict[str, int] | None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import bisect
 import ctypes
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -96,32 +95,3 @@ class Regions:
             return False
         index = bisect.bisect_right(self._starts, start) - 1
         return index >= 0 and start + size <= self._regions[index].end
-
-
-class Guard:
-    """Keeps a worker thread from touching a caller's buffer once the caller gave up.
-
-    A worker copies to or from caller memory only inside ``claim``; the event
-    loop calls ``abandon`` when a call times out or is cancelled, which waits
-    for a copy in progress (a memcpy: milliseconds) and stops later ones.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._abandoned = False
-
-    def copy(self, destination: int, source: int, size: int) -> bool:
-        """Copy under the guard; ``False`` (nothing copied) once abandoned."""
-        with self._lock:
-            if self._abandoned:
-                return False
-            copy(destination, source, size)
-            return True
-
-    def abandon(self) -> None:
-        with self._lock:
-            self._abandoned = True
-
-    @property
-    def abandoned(self) -> bool:
-        return self._abandoned

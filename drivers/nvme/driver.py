@@ -5,8 +5,12 @@
 Values are split into ``io_block`` pieces that a pool of ``io_threads``
 threads reads or writes in parallel with ``preadv``/``pwritev`` (GIL
 released), straight from or into the caller's memory when it is 4 KiB
-aligned. A put becomes visible only once its file is complete and synced:
-temp file, fsync, atomic rename, fsync of the directory. One process owns
+aligned; the pieces of earlier calls go first (ordered.py), and opens,
+syncs, renames and closes run on a second pool of as many threads, so a
+batch's file steps never queue behind other batches' pieces: read-ahead
+batches finish in the order they were asked for, not all together. A put becomes
+visible only once its file is complete and synced: temp file, fsync, atomic
+rename, fsync of the directory. One process owns
 the directory; others that open it each take a private slot of it.
 """
 
@@ -15,23 +19,24 @@ from __future__ import annotations
 import asyncio
 import errno
 import fcntl
+import itertools
 import logging
 import os
-from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Coroutine
+from concurrent.futures import Executor
 from contextlib import suppress
 from functools import partial
-from typing import Annotated, Any, ClassVar, Literal, TypeVar
+from typing import Any, ClassVar, TypeVar
 
-from pydantic import Field, field_validator
 from typing_extensions import Self
 
 from kvstore.config_url import DriverConfig
 from kvstore.driver import Capabilities, Driver, KeyEntry, Usage
 from kvstore.errors import CapacityError, DriverUnavailableError, KVStoreError
-from kvstore.inflight import InflightCalls
-from kvstore.sizes import ByteSize, format_size
+from kvstore.sizes import format_size
+from kvstore.threaded import DriverThreads
 
+from .config import NvmeConfig
 from .directio import (
     O_CLOEXEC,
     O_DIRECT,
@@ -45,7 +50,6 @@ from .directio import (
 )
 from .index import EntryIndex
 from .layout import (
-    ALIGN,
     LOCK_NAME,
     SHARDS,
     SLOTS_DIR,
@@ -57,52 +61,16 @@ from .layout import (
     scan_shard,
     temp_path,
 )
+from .ordered import CALL_ORDER, OrderedPool
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+
 ZERO_COPY_NOTE = "get into buffers at 4096-aligned addresses (buffered I/O: any buffer)"
 _READ_ATTEMPTS = 3
 _FULL_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-
-
-class NvmeConfig(DriverConfig):
-    """Where and how the nvme driver stores values.
-
-    path: the store directory (created if missing), absolute or relative.
-    capacity: hard limit on the disk bytes the value files take (each value's
-        ``footprint``: a 4 KiB header plus the value padded to 4 KiB); a put past
-        it raises CapacityError.
-    direct_io: ``auto`` uses O_DIRECT and falls back to buffered I/O where the
-        filesystem refuses it; ``on`` makes that refusal an error; ``off`` is buffered.
-    io_threads: threads doing disk I/O, i.e. the queue depth the driver keeps.
-    io_block: bytes per pread/pwrite; larger values move as parallel pieces.
-    fsync: sync files and directories so a put survives power loss.
-    slots: how many processes may use ``path`` at once, each in a private slot
-        of it: the first takes ``path`` itself, the others the first free one of
-        ``path/slots/1`` .. ``path/slots/{slots-1}`` (a slot is free when no live
-        process holds its lock, so a restarted process reuses one). ``1``: a
-        second open of a directory in use is an error.
-    """
-
-    scheme: ClassVar[str] = "nvme"
-    location_field: ClassVar[str | None] = "path"
-
-    path: str = Field(min_length=1)
-    capacity: Annotated[ByteSize, Field(gt=0)]
-    direct_io: Literal["auto", "on", "off"] = "auto"
-    io_threads: int = Field(default=8, ge=1, le=1024)
-    io_block: ByteSize = 4 << 20
-    fsync: bool = True
-    slots: int = Field(default=64, ge=1, le=4096)
-
-    @field_validator("io_block")
-    @classmethod
-    def _whole_blocks(cls, value: int) -> int:
-        if value <= 0 or value % ALIGN:
-            raise ValueError(f"io_block must be a positive multiple of {ALIGN} bytes")
-        return value
 
 
 class NvmeDriver(Driver[NvmeConfig]):
@@ -127,18 +95,20 @@ class NvmeDriver(Driver[NvmeConfig]):
         *,
         root: str,
         lock_fd: int,
-        pool: ThreadPoolExecutor,
+        threads: DriverThreads,
+        files: DriverThreads,
         index: EntryIndex,
         io_mode: str,
     ) -> None:
         super().__init__(config)
         self._root = root
         self._lock_fd = lock_fd
-        self._pool = pool
+        self._threads = threads
+        self._files = files
+        self._call_numbers = itertools.count(1)
         self._index = index
         self._direct = io_mode == "O_DIRECT"
         self._scratch = Scratch(config.io_block)
-        self._inflight = InflightCalls()
         self._capabilities = Capabilities(
             persistent=True,
             listable=True,
@@ -152,13 +122,30 @@ class NvmeDriver(Driver[NvmeConfig]):
     @classmethod
     async def open(cls, config: NvmeConfig) -> Self:
         """Lock the directory, choose the I/O mode, clean leftovers and rebuild the index."""
-        pool = ThreadPoolExecutor(config.io_threads, thread_name_prefix="kvstore-nvme")
+
+        def errors(exc: Exception, operation: str) -> KVStoreError | None:
+            return (
+                _disk_error(exc, config.path, config.scheme) if isinstance(exc, OSError) else None
+            )
+
+        pieces = OrderedPool(config.io_threads, "kvstore-nvme")
+        threads = DriverThreads(config.scheme, config.io_threads, errors, pool=pieces)
+        files = DriverThreads(config.scheme, config.io_threads, errors)
         try:
-            root, lock_fd, index, io_mode = await asyncio.to_thread(_prepare, config, pool)
+            root, lock_fd, index, io_mode = await asyncio.to_thread(_prepare, config, threads.pool)
         except BaseException:
-            pool.shutdown(wait=False)
+            await threads.close()
+            await files.close()
             raise
-        return cls(config, root=root, lock_fd=lock_fd, pool=pool, index=index, io_mode=io_mode)
+        return cls(
+            config,
+            root=root,
+            lock_fd=lock_fd,
+            threads=threads,
+            files=files,
+            index=index,
+            io_mode=io_mode,
+        )
 
     @property
     def capabilities(self) -> Capabilities:
@@ -185,19 +172,19 @@ class NvmeDriver(Driver[NvmeConfig]):
                 f"{self._index.used} of {capacity} bytes are used",
                 driver=self.name,
             )
-        await self._inflight.complete(self._put_batch(values))
+        await self._in_order(self._put_batch(values))
 
     async def _get_many(
         self, keys: list[bytes], into: list[memoryview | None] | None
     ) -> list[memoryview | None]:
         targets: list[memoryview | None] = [None] * len(keys) if into is None else into
-        return await self._inflight.complete(self._get_batch(keys, targets))
+        return await self._in_order(self._get_batch(keys, targets))
 
     async def _contains_many(self, keys: list[bytes]) -> list[bool]:
         return [key in self._index for key in keys]
 
     async def _delete_many(self, keys: list[bytes]) -> list[bool]:
-        return await self._inflight.complete(self._delete_batch(keys))
+        return await self._in_order(self._delete_batch(keys))
 
     async def _list(self) -> AsyncIterator[KeyEntry]:
         for entry in self._index.entries():
@@ -207,28 +194,22 @@ class NvmeDriver(Driver[NvmeConfig]):
         return Usage(len(self._index), self._index.value_bytes, self.config.capacity)
 
     async def _close(self) -> None:
-        await self._inflight.drain()
-        await asyncio.to_thread(self._shut_down)
+        await self._threads.close()
+        await self._files.close()
+        await asyncio.to_thread(self._unlock)
 
-    def _shut_down(self) -> None:
-        self._pool.shutdown(wait=True)
+    async def _in_order(self, work: Coroutine[Any, Any, T]) -> T:
+        """Run one driver call under the next ``CALL_ORDER`` number, so its pieces are
+        served before those of calls made after it."""
+        token = CALL_ORDER.set(next(self._call_numbers))
+        try:
+            return await self._threads.complete(work)
+        finally:
+            CALL_ORDER.reset(token)
+
+    def _unlock(self) -> None:
         fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
         os.close(self._lock_fd)
-
-    async def _io(self, function: Callable[..., T], *args: Any) -> T:
-        """Run blocking disk work on the I/O pool; OSError becomes a typed error."""
-        loop = asyncio.get_running_loop()
-        try:
-            return await loop.run_in_executor(self._pool, function, *args)
-        except OSError as exc:
-            raise self._disk_error(exc) from exc
-
-    def _disk_error(self, exc: OSError) -> KVStoreError:
-        if exc.errno in _FULL_DISK:
-            return CapacityError(f"the disk under {self._root} is full: {exc}", driver=self.name)
-        return DriverUnavailableError(
-            f"disk I/O failed under {self._root}: {exc}", driver=self.name
-        )
 
     async def _put_batch(self, values: dict[bytes, memoryview]) -> None:
         outcomes = await asyncio.gather(
@@ -244,11 +225,11 @@ class NvmeDriver(Driver[NvmeConfig]):
             else:
                 staged.append((key, len(value), outcome))
         if staged:
-            directories, publish_errors = await self._io(self._publish, staged)
-            errors.extend(self._disk_error(exc) for exc in publish_errors)
+            directories, publish_errors = await self._files.run(self._publish, staged)
+            errors.extend(_disk_error(exc, self._root, self.name) for exc in publish_errors)
             if self.config.fsync:
                 synced = await asyncio.gather(
-                    *(self._io(_fsync_directory, path) for path in directories),
+                    *(self._files.run(_fsync_directory, path) for path in directories),
                     return_exceptions=True,
                 )
                 errors.extend(exc for exc in synced if isinstance(exc, BaseException))
@@ -262,19 +243,21 @@ class NvmeDriver(Driver[NvmeConfig]):
         header = encode_header(key, len(value))
         parts = pieces(len(value), self.config.io_block)
         if len(parts) == 1:
-            await self._io(self._write_whole, path, transfer, parts[0], header)
+            await self._threads.run(self._write_whole, path, transfer, parts[0], header)
             return path
-        fd = await self._io(self._create_temp, path)
+        fd = await self._files.run(self._create_temp, path)
         scratch = self._scratch
         outcomes = await asyncio.gather(
             *(
-                self._io(write_piece, fd, transfer, part, header if part[0] == 0 else None, scratch)
+                self._threads.run(
+                    write_piece, fd, transfer, part, header if part[0] == 0 else None, scratch
+                )
                 for part in parts
             ),
             return_exceptions=True,
         )
         failure = next((exc for exc in outcomes if isinstance(exc, BaseException)), None)
-        await self._io(self._seal_temp, fd, path, failure is None)
+        await self._files.run(self._seal_temp, fd, path, failure is None)
         if failure is not None:
             raise failure
         return path
@@ -355,13 +338,15 @@ class NvmeDriver(Driver[NvmeConfig]):
         miss (absent, or corrupt and now removed)."""
         parts = pieces(transfer.length, self.config.io_block)
         if len(parts) == 1:
-            return await self._io(self._read_whole, path, key, transfer)
-        fd = await self._io(self._open_value, path)
+            return await self._threads.run(self._read_whole, path, key, transfer)
+        fd = await self._files.run(self._open_value, path)
         if fd is None:
             return None
         outcomes = await asyncio.gather(
             *(
-                self._io(read_piece, fd, transfer, part, self._direct, self._scratch, index == 0)
+                self._threads.run(
+                    read_piece, fd, transfer, part, self._direct, self._scratch, index == 0
+                )
                 for index, part in enumerate(parts)
             ),
             return_exceptions=True,
@@ -369,12 +354,14 @@ class NvmeDriver(Driver[NvmeConfig]):
         read: list[tuple[tuple[bytes, int] | None, bool]] = []
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
-                await self._io(os.close, fd)
+                await self._files.run(os.close, fd)
                 raise outcome
             read.append(outcome)
         header = read[0][0]
         complete = all(piece_complete for _, piece_complete in read)
-        return await self._io(self._conclude_read, fd, path, key, transfer.length, header, complete)
+        return await self._files.run(
+            self._conclude_read, fd, path, key, transfer.length, header, complete
+        )
 
     def _read_whole(self, path: str, key: bytes, transfer: Transfer) -> int | None:
         fd = self._open_value(path)
@@ -433,9 +420,9 @@ class NvmeDriver(Driver[NvmeConfig]):
         return self._index.remove(key, unlink_same)
 
     async def _delete_batch(self, keys: list[bytes]) -> list[bool]:
-        removed, directories = await self._io(self._unlink_values, keys)
+        removed, directories = await self._files.run(self._unlink_values, keys)
         if self.config.fsync and directories:
-            await asyncio.gather(*(self._io(_fsync_directory, path) for path in directories))
+            await asyncio.gather(*(self._files.run(_fsync_directory, path) for path in directories))
         return removed
 
     def _unlink_values(self, keys: list[bytes]) -> tuple[list[bool], set[str]]:
@@ -450,7 +437,15 @@ class NvmeDriver(Driver[NvmeConfig]):
         return removed, directories
 
 
-def _prepare(config: NvmeConfig, pool: ThreadPoolExecutor) -> tuple[str, int, EntryIndex, str]:
+def _disk_error(exc: OSError, where: str, driver: str) -> KVStoreError:
+    """The kvstore error for a failed disk operation under ``where``: CapacityError when
+    the disk is full, else DriverUnavailableError."""
+    if exc.errno in _FULL_DISK:
+        return CapacityError(f"the disk under {where} is full: {exc}", driver=driver)
+    return DriverUnavailableError(f"disk I/O failed under {where}: {exc}", driver=driver)
+
+
+def _prepare(config: NvmeConfig, pool: Executor) -> tuple[str, int, EntryIndex, str]:
     """Blocking part of ``open``: the slot directory taken and its lock, the shard
     directories, the I/O mode and the index."""
     path = os.path.abspath(config.path)

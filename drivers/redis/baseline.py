@@ -22,8 +22,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 from kvstore.registry import default_registry
 
-from .connection import Client
-from .driver import RedisConfig, client_for
+from .config import RedisConfig
+from .connection import Client, client_for
 
 _PAGE = 4096
 

@@ -35,6 +35,8 @@ from kvstore.errors import (
     TransientError,
 )
 
+from .config import RedisConfig
+
 READ_CHUNK_BYTES = 1 << 20
 """Bytes per ``recv`` when reading replies (redis-py reads 32 KiB by default, which
 costs a Python-level loop turn per 32 KiB of a multi-MiB value)."""
@@ -121,14 +123,14 @@ def make_client(
     return standalone
 
 
-def translate(exc: BaseException, driver: str, server: str) -> BaseException:
-    """The kvstore error for a redis-py (or socket) error; other exceptions unchanged.
+def translate(exc: Exception, driver: str, server: str) -> KVStoreError | None:
+    """The kvstore error for a redis-py (or socket) error; ``None`` for other exceptions.
 
     ``server`` names the server for messages; it never holds credentials."""
     if isinstance(exc, KVStoreError) or not isinstance(
         exc, (rx.RedisError, rx.RedisClusterException, OSError)
     ):
-        return exc
+        return None
     detail = f"{type(exc).__name__}: {exc}"
     if isinstance(exc, (rx.AuthenticationError, rx.AuthenticationWrongNumberOfArgsError)):
         return ConfigError(f"{server} refused the credentials ({detail})", driver=driver)
@@ -153,3 +155,19 @@ def translate(exc: BaseException, driver: str, server: str) -> BaseException:
             f"a key under this prefix holds data that is not kvstore's ({detail})", driver=driver
         )
     return DriverUnavailableError(f"{server} failed a request ({detail})", driver=driver)
+
+
+def client_for(config: RedisConfig) -> Client:
+    """The redis-py client ``config`` describes (blocking: it connects and authenticates)."""
+    return make_client(
+        host=config.host,
+        port=config.port,
+        db=config.db,
+        username=config.username,
+        password=config.resolved_password(),
+        timeout=config.timeout,
+        connect_timeout=config.connect_timeout,
+        max_connections=config.max_connections,
+        cluster=config.cluster,
+        tls_options=config.tls_options(),
+    )

@@ -16,29 +16,24 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
-import ipaddress
 import logging
-import os
-import re
-from collections.abc import AsyncIterator, Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
-from functools import partial
 from itertools import islice
-from typing import Any, ClassVar, Literal, TypeVar
-from urllib.parse import quote, unquote, urlencode, urlsplit
+from typing import Any, ClassVar, TypeVar
 
-from pydantic import Field, SecretStr, field_validator, model_validator
 from redis.cluster import RedisCluster
 from typing_extensions import Self
 
 from kvstore.config_url import DriverConfig
 from kvstore.driver import Capabilities, Driver, KeyEntry, Usage, fill_into, usage_by_listing
-from kvstore.errors import ConfigError, DriverClosedError, IntegrityError, KVStoreError
-from kvstore.inflight import InflightCalls, gather_all
-from kvstore.sizes import ByteSize, format_size
+from kvstore.errors import IntegrityError, KVStoreError
+from kvstore.inflight import gather_all
+from kvstore.sizes import format_size
+from kvstore.threaded import DriverThreads
 
-from .connection import Client, make_client, translate
+from .config import RedisConfig, RedissConfig
+from .connection import Client, client_for, translate
 from .layout import (
     DELETE,
     DROP_IF_CURRENT,
@@ -53,7 +48,6 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-MIN_PART_SIZE = 64 << 10
 PIPELINE_KEYS = 64
 """The most keys one pipeline carries; a batch's pipelines run in parallel."""
 
@@ -68,204 +62,6 @@ SCAN_COUNT = 1000
 _READ_ATTEMPTS = 4
 _STAGING_TTL_MS = 300_000
 """Parts not yet published expire after this, so a writer that dies leaves nothing."""
-
-_LOCATION_FIELDS = frozenset({"host", "port", "db", "username", "password"})
-_TLS_FIELDS = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs", "ssl_check_hostname")
-
-
-_HOST = re.compile(r"^[A-Za-z0-9._~-]+$")
-
-
-class RedisConfig(DriverConfig):
-    """``redis://[user:password@]host:6379/0?prefix=kv&ttl=3600&part_size=8MiB``.
-
-    The location gives the server (a startup node with ``cluster=true``), the
-    ACL user and password (percent-encoded), and the database number.
-
-    prefix: the namespace of every Redis key the driver writes (no braces).
-    ttl: seconds each value lives after its last put; none by default.
-    part_size: values larger than this are stored as parts of at most this size.
-    timeout: seconds one socket read or write, or a wait for a free connection,
-        may take; connect_timeout: seconds to open a connection.
-    max_connections: connections per server, and threads running them.
-    cluster: talk to a Redis Cluster through redis-py's cluster client.
-    persistent: declare the server durable (AOF/RDB, no eviction); by default a
-        Redis tier is treated as a cache that may lose values.
-    password_env: the name of an environment variable holding the password,
-        read when the driver opens, to keep it out of URLs.
-    ssl_*: TLS settings, ``rediss://`` only: CA bundle, client certificate and
-        key, whether the server certificate is required, and hostname checking.
-    """
-
-    scheme: ClassVar[str] = "redis"
-    location_field: ClassVar[str | None] = "address"
-
-    host: str = Field(default="localhost", min_length=1)
-    port: int = Field(default=6379, ge=1, le=65535)
-    db: int = Field(default=0, ge=0)
-    username: str | None = None
-    password: SecretStr | None = None
-    password_env: str | None = Field(default=None, min_length=1)
-    prefix: str = Field(default="kv", min_length=1, max_length=200)
-    ttl: int | None = Field(default=None, ge=1)
-    part_size: ByteSize = 8 << 20
-    timeout: float = Field(default=5.0, gt=0, le=3600)
-    connect_timeout: float = Field(default=5.0, gt=0, le=3600)
-    max_connections: int = Field(default=16, ge=1, le=1024)
-    cluster: bool = False
-    persistent: bool = False
-    ssl_ca_certs: str | None = None
-    ssl_certfile: str | None = None
-    ssl_keyfile: str | None = None
-    ssl_cert_reqs: Literal["required", "optional", "none"] = "required"
-    ssl_check_hostname: bool = True
-
-    @classmethod
-    def decode_location(cls, location: str) -> str:
-        """Kept percent-encoded: the user and password are decoded one by one."""
-        return location
-
-    @model_validator(mode="before")
-    @classmethod
-    def _split_address(cls, data: Any) -> Any:
-        """Turn the URL's location, ``[user[:password]@]host[:port][/db]``, into fields."""
-        if not isinstance(data, dict) or "address" not in data:
-            return data
-        fields = dict(data)
-        address = str(fields.pop("address"))
-        parts = urlsplit(f"//{address}")
-        try:
-            port = parts.port
-        except ValueError:
-            raise ValueError(f"invalid port in {parts.netloc!r}") from None
-        db = parts.path.strip("/")
-        if parts.query or parts.fragment or "/" in db or (db and not db.isdigit()):
-            raise ValueError("the location is [user:password@]host[:port][/db]")
-        given: dict[str, Any] = {
-            "host": parts.hostname or None,
-            "port": port,
-            "db": int(db) if db else None,
-            "username": unquote(parts.username) if parts.username else None,
-            "password": unquote(parts.password) if parts.password is not None else None,
-        }
-        for name, value in given.items():
-            if value is not None:
-                if name in fields:
-                    raise ValueError(f"{name} is given both in the location and as an option")
-                fields[name] = value
-        return fields
-
-    @field_validator("host")
-    @classmethod
-    def _valid_host(cls, host: str) -> str:
-        """A host name, an IPv4 or a (bracketed in URLs) IPv6 address, lowercased."""
-        if ":" in host:
-            try:
-                ipaddress.IPv6Address(host)
-            except ValueError:
-                raise ValueError(f"{host!r} is not an IPv6 address") from None
-        elif not _HOST.match(host):
-            raise ValueError(f"{host!r} is not a host name or IP address")
-        return host.lower()
-
-    @field_validator("prefix")
-    @classmethod
-    def _no_hash_tag(cls, prefix: str) -> str:
-        if "{" in prefix or "}" in prefix:
-            raise ValueError("prefix must not contain { or } (they would change the hash tag)")
-        return prefix
-
-    @field_validator("part_size")
-    @classmethod
-    def _part_size(cls, size: int) -> int:
-        if size < MIN_PART_SIZE:
-            raise ValueError(f"part_size must be at least {format_size(MIN_PART_SIZE)}")
-        return size
-
-    @model_validator(mode="after")
-    def _consistent(self) -> Self:
-        if self.cluster and self.db != 0:
-            raise ValueError("a Redis Cluster has only database 0")
-        if self.password is not None and self.password_env is not None:
-            raise ValueError("give the password or password_env, not both")
-        if not self.tls:
-            set_tls = [name for name in _TLS_FIELDS if name in self.model_fields_set]
-            if set_tls:
-                raise ValueError(f"{', '.join(set_tls)} need a rediss:// URL")
-        return self
-
-    @property
-    def tls(self) -> bool:
-        return self.scheme == "rediss"
-
-    @property
-    def server(self) -> str:
-        """The server for people and messages; never holds credentials."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        kind = "Redis Cluster via" if self.cluster else "Redis at"
-        return f"{kind} {host}:{self.port}"
-
-    def to_url(self) -> str:
-        """The URL that ``from_url`` turns back into this config, password included."""
-        return self._render(None if self.password is None else self.password.get_secret_value())
-
-    def redacted_url(self) -> str:
-        """The URL with the password replaced by ``***``, for logs and reprs."""
-        return self._render(None if self.password is None else "***")
-
-    def _render(self, password: str | None) -> str:
-        userinfo = ""
-        if self.username is not None or password is not None:
-            userinfo = quote(self.username or "", safe="")
-            if password is not None:
-                userinfo += ":" + quote(password, safe="")
-            userinfo += "@"
-        host = f"[{self.host}]" if ":" in self.host else quote(self.host, safe=".-_~")
-        query = {
-            name: _render_option(value)
-            for name, value in self.model_dump(mode="json", exclude=set(_LOCATION_FIELDS)).items()
-            if getattr(self, name)
-            != type(self).model_fields[name].get_default(call_default_factory=True)
-        }
-        url = f"{self.scheme}://{userinfo}{host}:{self.port}/{self.db}"
-        return f"{url}?{urlencode(query)}" if query else url
-
-    def resolved_password(self) -> str | None:
-        """The password from the URL or from ``password_env``; ConfigError if that is unset."""
-        if self.password is not None:
-            return self.password.get_secret_value()
-        if self.password_env is None:
-            return None
-        value = os.environ.get(self.password_env)
-        if value is None:
-            raise ConfigError(
-                f"password_env names {self.password_env!r}, which is not set", driver=self.scheme
-            )
-        return value
-
-    def tls_options(self) -> dict[str, Any] | None:
-        """redis-py's ``ssl_*`` keyword arguments, or ``None`` without TLS."""
-        if not self.tls:
-            return None
-        return {
-            "ssl_ca_certs": self.ssl_ca_certs,
-            "ssl_certfile": self.ssl_certfile,
-            "ssl_keyfile": self.ssl_keyfile,
-            "ssl_cert_reqs": self.ssl_cert_reqs,
-            "ssl_check_hostname": self.ssl_check_hostname and self.ssl_cert_reqs != "none",
-        }
-
-
-class RedissConfig(RedisConfig):
-    """``rediss://``: the same as ``redis://``, over TLS."""
-
-    scheme: ClassVar[str] = "rediss"
-
-
-def _render_option(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return "" if value is None else str(value)
 
 
 @dataclass
@@ -295,14 +91,13 @@ class RedisDriver(Driver[RedisConfig]):
         ),
     )
 
-    def __init__(self, config: RedisConfig, client: Client, pool: ThreadPoolExecutor) -> None:
+    def __init__(self, config: RedisConfig, client: Client, threads: DriverThreads) -> None:
         super().__init__(config)
         self._client = client
-        self._pool = pool
+        self._threads = threads
         self._names = KeyNames(config.prefix)
         self._server = config.server
         self._ttl_ms = 0 if config.ttl is None else config.ttl * 1000
-        self._inflight = InflightCalls()
         self._capabilities = Capabilities(
             persistent=config.persistent,
             listable=True,
@@ -320,14 +115,17 @@ class RedisDriver(Driver[RedisConfig]):
     @classmethod
     async def open(cls, config: RedisConfig) -> Self:
         """Connect (and authenticate) to the server or cluster; raise if it cannot be reached."""
-        connect = partial(client_for, config)
-        pool = ThreadPoolExecutor(config.max_connections, thread_name_prefix="kvstore-redis")
+        threads = DriverThreads(
+            config.scheme,
+            config.max_connections,
+            lambda exc, _: translate(exc, config.scheme, config.server),
+        )
         try:
-            client = await asyncio.get_running_loop().run_in_executor(pool, connect)
-        except BaseException as exc:
-            pool.shutdown(wait=False)
-            raise translate(exc, config.scheme, config.server) from exc
-        return cls(config, client, pool)
+            client = await threads.run(client_for, config, operation="connect")
+        except BaseException:
+            await threads.close()
+            raise
+        return cls(config, client, threads)
 
     @property
     def capabilities(self) -> Capabilities:
@@ -336,13 +134,13 @@ class RedisDriver(Driver[RedisConfig]):
     # ------------------------------------------------------------------ protocol
 
     async def _put_many(self, items: builtins.list[tuple[bytes, memoryview]]) -> None:
-        await self._inflight.complete(self._write(dict(items)))
+        await self._threads.complete(self._write(dict(items)))
 
     async def _get_many(
         self, keys: builtins.list[bytes], into: builtins.list[memoryview | None] | None
     ) -> builtins.list[memoryview | None]:
         targets: builtins.list[memoryview | None] = [None] * len(keys) if into is None else into
-        return await self._inflight.complete(self._read(keys, targets))
+        return await self._threads.complete(self._read(keys, targets))
 
     async def _contains_many(self, keys: builtins.list[bytes]) -> builtins.list[bool]:
         commands = [("EXISTS", self._names.value(key), self._names.manifest(key)) for key in keys]
@@ -350,7 +148,7 @@ class RedisDriver(Driver[RedisConfig]):
         return [bool(reply) for reply in replies]
 
     async def _delete_many(self, keys: builtins.list[bytes]) -> builtins.list[bool]:
-        replies = await self._inflight.complete(
+        replies = await self._threads.complete(
             self._pipelines([self._delete_command(k) for k in keys])
         )
         return [bool(reply) for reply in replies]
@@ -359,7 +157,7 @@ class RedisDriver(Driver[RedisConfig]):
         names = iter(self._client.scan_iter(match=self._names.scan_pattern(), count=SCAN_COUNT))
         seen: set[bytes] = set()
         while True:
-            page = await self._call(_take, names, SCAN_COUNT)
+            page = await self._threads.run(_take, names, SCAN_COUNT)
             if not page:
                 return
             keys: builtins.list[bytes] = []
@@ -382,26 +180,10 @@ class RedisDriver(Driver[RedisConfig]):
         return await usage_by_listing(self._list())
 
     async def _close(self) -> None:
-        await self._inflight.drain()
-        await asyncio.to_thread(self._shut_down)
-
-    def _shut_down(self) -> None:
-        self._pool.shutdown(wait=True)
-        self._client.close()
+        await self._threads.close()
+        await asyncio.to_thread(self._client.close)
 
     # --------------------------------------------------------------- machinery
-
-    async def _call(self, function: Callable[..., T], *args: Any) -> T:
-        """Run blocking client work on the pool; redis-py errors become kvstore errors."""
-        loop = asyncio.get_running_loop()
-        try:
-            work = loop.run_in_executor(self._pool, function, *args)
-        except RuntimeError:
-            raise DriverClosedError("the driver is closed", driver=self.name) from None
-        try:
-            return await work
-        except Exception as exc:
-            raise translate(exc, self.name, self._server) from exc
 
     def _execute(self, commands: builtins.list[tuple[Any, ...]]) -> builtins.list[Any]:
         """Send ``commands`` as one pipeline (no MULTI) and return the replies in order.
@@ -426,7 +208,7 @@ class RedisDriver(Driver[RedisConfig]):
             commands[start : start + PIPELINE_KEYS]
             for start in range(0, len(commands), PIPELINE_KEYS)
         ]
-        replies = await gather_all([self._call(self._execute, group) for group in groups])
+        replies = await gather_all([self._threads.run(self._execute, group) for group in groups])
         return [reply for group in replies for reply in group]
 
     def _delete_command(self, key: bytes) -> tuple[Any, ...]:
@@ -451,7 +233,7 @@ class RedisDriver(Driver[RedisConfig]):
             for key, value in values.items()
             if len(value) > part_size
         ]
-        jobs = [self._call(self._execute, group) for group in self._inline_pipelines(inline)]
+        jobs = [self._threads.run(self._execute, group) for group in self._inline_pipelines(inline)]
         staged = [self._stage(key, value, manifest) for key, value, manifest in parted]
         outcomes = await asyncio.gather(*jobs, *staged, return_exceptions=True)
         errors = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
@@ -508,7 +290,7 @@ class RedisDriver(Driver[RedisConfig]):
             ("SET", name, value[offset : offset + length], "PX", _STAGING_TTL_MS)
             for name, (offset, length) in zip(names, manifest.spans())
         ]
-        await gather_all([self._call(self._execute, [command]) for command in commands])
+        await gather_all([self._threads.run(self._execute, [command]) for command in commands])
 
     def _publish_command(self, key: bytes, manifest: Manifest) -> tuple[Any, ...]:
         parts = manifest.part_keys(self._names.part_prefix(key))
@@ -572,7 +354,9 @@ class RedisDriver(Driver[RedisConfig]):
         ]
         found = await gather_all(
             [
-                self._call(self._fetch_heads, [keys[i] for i in group], [targets[i] for i in group])
+                self._threads.run(
+                    self._fetch_heads, [keys[i] for i in group], [targets[i] for i in group]
+                )
                 for group in groups
             ]
         )
@@ -631,7 +415,7 @@ class RedisDriver(Driver[RedisConfig]):
         ]
         arrived = await gather_all(
             [
-                self._call(self._fetch_part, name, entry.destination, span)
+                self._threads.run(self._fetch_part, name, entry.destination, span)
                 for entry, name, span in jobs
             ]
         )
@@ -687,19 +471,3 @@ def _spread(weights: builtins.list[int], threads: int) -> builtins.list[builtins
 
 def _take(names: Iterator[bytes], count: int) -> builtins.list[bytes]:
     return list(islice(names, count))
-
-
-def client_for(config: RedisConfig) -> Client:
-    """The redis-py client ``config`` describes (blocking: it connects and authenticates)."""
-    return make_client(
-        host=config.host,
-        port=config.port,
-        db=config.db,
-        username=config.username,
-        password=config.resolved_password(),
-        timeout=config.timeout,
-        connect_timeout=config.connect_timeout,
-        max_connections=config.max_connections,
-        cluster=config.cluster,
-        tls_options=config.tls_options(),
-    )

@@ -14,7 +14,8 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from .driver import S3Config, open_client
+from .client import open_client
+from .config import S3Config
 from .naming import list_prefix
 
 _DELETE_BATCH = 1000

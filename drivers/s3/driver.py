@@ -15,205 +15,50 @@ instead of mixing two versions.
 from __future__ import annotations
 
 import asyncio
-import io
 import logging
 import re
-import threading
-from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator
 from contextlib import suppress
 from enum import Enum
-from typing import Any, ClassVar, Literal, TypeVar
+from functools import partial
+from typing import Any, ClassVar, TypeVar
 
-import botocore.session
-import urllib3.exceptions
-from botocore.config import Config as BotoConfig
 from botocore.exceptions import (
-    BotoCoreError,
     ClientError,
-    ConnectTimeoutError,
-    NoCredentialsError,
-    NoRegionError,
-    PartialCredentialsError,
-    ProfileNotFound,
-    ReadTimeoutError,
 )
-from pydantic import Field, field_validator, model_validator
 from typing_extensions import Self
 
 from kvstore.config_url import DriverConfig
 from kvstore.driver import Capabilities, Driver, KeyEntry, Usage, usage_by_listing
 from kvstore.errors import (
     CapacityError,
-    ConfigError,
-    DriverTimeoutError,
-    DriverUnavailableError,
     KVStoreError,
-    NotFoundError,
     TransientError,
 )
-from kvstore.inflight import InflightCalls, gather_all
-from kvstore.sizes import ByteSize, format_size
+from kvstore.inflight import gather_all
+from kvstore.sizes import format_size
+from kvstore.threaded import DriverThreads
 
+from .client import (
+    Body,
+    client_errors,
+    error_for_code,
+    missing_key,
+    open_client,
+    status_of,
+)
+from .config import MAX_OBJECT_BYTES, MAX_PARTS, S3Config
 from .naming import key_of, list_prefix, object_name
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-MIN_PART_BYTES = 5 << 20
-MAX_PART_BYTES = 5 << 30
-MAX_PARTS = 10_000
-MAX_OBJECT_BYTES = 5 << 40
-"""S3's limits on multipart uploads and objects."""
 
 _READ_ATTEMPTS = 3
 """Reads of one value restarted because it was overwritten between its ranges."""
 _DELETE_BATCH = 1000
-_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
-_PREFIX = re.compile(r"^[A-Za-z0-9._~-]+(/[A-Za-z0-9._~-]+)*$")
-_MAX_PREFIX_CHARS = 500
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+)$")
-_MISSING_KEY_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
-_TRANSIENT_CODES = frozenset(
-    {
-        "SlowDown",
-        "Throttling",
-        "ThrottlingException",
-        "RequestTimeout",
-        "RequestTimeTooSkewed",
-        "InternalError",
-        "ServiceUnavailable",
-        "TooManyRequests",
-        "RequestLimitExceeded",
-    }
-)
-_ACCESS_CODES = frozenset(
-    {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "InvalidToken"}
-)
-_LOADER_LOCK = threading.Lock()
-_shared_loader: Any = None
-
-
-class S3Config(DriverConfig):
-    """Where and how the s3 driver stores values.
-
-    location: ``bucket`` or ``bucket/prefix``; objects go under the prefix.
-    endpoint_url: an S3-compatible endpoint (MinIO, Ceph, moto); AWS when unset.
-    region: the signing region; from the AWS config chain when unset.
-    profile: a profile of the AWS config files to take credentials from.
-    access_key_id, secret_access_key, session_token: explicit credentials; when
-        unset, the usual AWS chain (environment, profile, instance role) applies.
-    addressing_style: ``path`` for servers without virtual-host buckets.
-    part_size: values larger than this go up as multipart uploads of parts this
-        size and come back as parallel ranged GETs of this size.
-    io_threads: threads (and pooled HTTP connections) doing requests.
-    connect_timeout, read_timeout: seconds per connection attempt and per socket read.
-    retry_mode, max_attempts: botocore's retries of throttling, 5xx and dropped
-        connections, with backoff; ``max_attempts`` counts the first try.
-    checksums: ``when_supported`` adds CRC checksums to requests and checks them
-        in responses; ``when_required`` only where S3 demands them (the store
-        already verifies each chunk's digest).
-    create_bucket: create the bucket at open when it does not exist.
-    """
-
-    scheme: ClassVar[str] = "s3"
-    location_field: ClassVar[str | None] = "location"
-    secret_fields: ClassVar[frozenset[str]] = frozenset({"secret_access_key", "session_token"})
-
-    location: str
-    endpoint_url: str | None = None
-    region: str | None = None
-    profile: str | None = None
-    access_key_id: str | None = None
-    secret_access_key: str | None = Field(default=None, repr=False)
-    session_token: str | None = Field(default=None, repr=False)
-    addressing_style: Literal["auto", "path", "virtual"] = "auto"
-    part_size: ByteSize = 8 << 20
-    io_threads: int = Field(default=16, ge=1, le=1024)
-    connect_timeout: float = Field(default=5.0, gt=0)
-    read_timeout: float = Field(default=30.0, gt=0)
-    retry_mode: Literal["standard", "adaptive", "legacy"] = "standard"
-    max_attempts: int = Field(default=3, ge=1, le=20)
-    checksums: Literal["when_required", "when_supported"] = "when_required"
-    create_bucket: bool = False
-
-    @field_validator("location")
-    @classmethod
-    def _bucket_and_prefix(cls, value: str) -> str:
-        bucket, _, prefix = value.strip("/").partition("/")
-        prefix = prefix.strip("/")
-        if not _BUCKET.match(bucket):
-            raise ValueError(
-                f"{bucket!r} is not a bucket name (3 to 63 lowercase letters, digits, '.', '-')"
-            )
-        if prefix and (len(prefix) > _MAX_PREFIX_CHARS or not _PREFIX.match(prefix)):
-            raise ValueError(
-                f"the prefix must be at most {_MAX_PREFIX_CHARS} characters of letters, "
-                "digits and '._~-' in '/'-separated parts"
-            )
-        return f"{bucket}/{prefix}" if prefix else bucket
-
-    @field_validator("part_size")
-    @classmethod
-    def _part_size_in_s3_limits(cls, value: int) -> int:
-        if not MIN_PART_BYTES <= value <= MAX_PART_BYTES:
-            raise ValueError(
-                f"part_size must be between {format_size(MIN_PART_BYTES)} and "
-                f"{format_size(MAX_PART_BYTES)} (S3's part limits)"
-            )
-        return value
-
-    @model_validator(mode="after")
-    def _whole_credentials(self) -> Self:
-        if (self.access_key_id is None) != (self.secret_access_key is None):
-            raise ValueError("access_key_id and secret_access_key go together")
-        if self.session_token is not None and self.access_key_id is None:
-            raise ValueError("session_token needs access_key_id and secret_access_key")
-        return self
-
-    @property
-    def bucket(self) -> str:
-        return self.location.partition("/")[0]
-
-    @property
-    def prefix(self) -> str:
-        """The key prefix objects go under, without slashes at either end ("" for none)."""
-        return self.location.partition("/")[2]
-
-
-class _Body:
-    """A read-only, seekable file over a buffer whose reads are views, not copies:
-    botocore hashes it and urllib3 sends it piece by piece straight from the
-    caller's memory, and a retry rewinds it (a bare memoryview cannot be rewound)."""
-
-    def __init__(self, view: memoryview) -> None:
-        self._view = view
-        self._position = 0
-
-    @classmethod
-    def of(cls, view: memoryview) -> _Body | bytes:
-        """A body for ``view``; ``b""`` for an empty value, which needs no file."""
-        return cls(view) if len(view) else b""
-
-    def __len__(self) -> int:
-        return len(self._view) - self._position
-
-    def read(self, size: int | None = -1) -> memoryview:
-        end = len(self._view)
-        if size is not None and size >= 0:
-            end = min(end, self._position + size)
-        piece = self._view[self._position : end]
-        self._position = max(self._position, end)
-        return piece
-
-    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: len(self._view)}
-        self._position = min(max(base[whence] + offset, 0), len(self._view))
-        return self._position
-
-    def tell(self) -> int:
-        return self._position
 
 
 class _Range(Enum):
@@ -236,13 +81,12 @@ class S3Driver(Driver[S3Config]):
         details=(("transport", "botocore: multipart uploads and ETag-pinned ranged GETs"),),
     )
 
-    def __init__(self, config: S3Config, *, client: Any, pool: ThreadPoolExecutor) -> None:
+    def __init__(self, config: S3Config, *, client: Any, threads: DriverThreads) -> None:
         super().__init__(config)
         self._client = client
-        self._pool = pool
+        self._threads = threads
         self._bucket = config.bucket
         self._prefix = config.prefix
-        self._inflight = InflightCalls()
         self._max_value = min(config.part_size * MAX_PARTS, MAX_OBJECT_BYTES)
         self._capabilities = Capabilities(
             persistent=True,
@@ -261,13 +105,13 @@ class S3Driver(Driver[S3Config]):
     @classmethod
     async def open(cls, config: S3Config) -> Self:
         """Build the client and check that the bucket is there (or create it)."""
-        pool = ThreadPoolExecutor(config.io_threads, thread_name_prefix="kvstore-s3")
+        threads = DriverThreads(config.scheme, config.io_threads, partial(client_errors, config))
         try:
-            client = await asyncio.get_running_loop().run_in_executor(pool, open_client, config)
+            client = await threads.run(open_client, config, operation="open")
         except BaseException:
-            pool.shutdown(wait=False)
+            await threads.close()
             raise
-        return cls(config, client=client, pool=pool)
+        return cls(config, client=client, threads=threads)
 
     @property
     def capabilities(self) -> Capabilities:
@@ -284,7 +128,7 @@ class S3Driver(Driver[S3Config]):
                     f"{self._max_value} bytes ({MAX_PARTS} parts of part_size)",
                     driver=self.name,
                 )
-        await self._inflight.complete(
+        await self._threads.complete(
             gather_all([self._put_one(key, value) for key, value in values.items()])
         )
 
@@ -292,22 +136,27 @@ class S3Driver(Driver[S3Config]):
         self, keys: list[bytes], into: list[memoryview | None] | None
     ) -> list[memoryview | None]:
         targets: list[memoryview | None] = [None] * len(keys) if into is None else into
-        return await self._inflight.complete(
+        return await self._threads.complete(
             gather_all([self._get_one(key, target) for key, target in zip(keys, targets)])
         )
 
     async def _contains_many(self, keys: list[bytes]) -> list[bool]:
-        return await self._inflight.complete(
-            gather_all([self._call("contains", self._exists, self._name(key)) for key in keys])
+        return await self._threads.complete(
+            gather_all(
+                [
+                    self._threads.run(self._exists, self._name(key), operation="contains")
+                    for key in keys
+                ]
+            )
         )
 
     async def _delete_many(self, keys: list[bytes]) -> list[bool]:
-        return await self._inflight.complete(self._delete_batch(keys))
+        return await self._threads.complete(self._delete_batch(keys))
 
     async def _list(self) -> AsyncIterator[KeyEntry]:
         token: str | None = None
         while True:
-            objects, token = await self._call("list", self._list_page, token)
+            objects, token = await self._threads.run(self._list_page, token, operation="list")
             for name, size in objects:
                 key = key_of(self._prefix, name)
                 if key is not None:
@@ -319,56 +168,44 @@ class S3Driver(Driver[S3Config]):
         return await usage_by_listing(self._list())
 
     async def _close(self) -> None:
-        await self._inflight.drain()
-        await asyncio.to_thread(self._shut_down)
-
-    def _shut_down(self) -> None:
-        self._pool.shutdown(wait=True)
-        self._client.close()
+        await self._threads.close()
+        await asyncio.to_thread(self._client.close)
 
     # ------------------------------------------------------------- machinery
 
     def _name(self, key: bytes) -> str:
         return object_name(self._prefix, key)
 
-    async def _call(self, operation: str, function: Callable[..., T], *args: Any) -> T:
-        """Run one blocking request on the pool; client failures become typed errors."""
-        loop = asyncio.get_running_loop()
-        try:
-            return await loop.run_in_executor(self._pool, function, *args)
-        except KVStoreError:
-            raise
-        except (BotoCoreError, ClientError, urllib3.exceptions.HTTPError, OSError) as exc:
-            raise _translate(exc, operation, self.config) from exc
-
     # ------------------------------------------------------------------ puts
 
     async def _put_one(self, key: bytes, value: memoryview) -> None:
         name = self._name(key)
         if len(value) <= self.config.part_size:
-            await self._call("put", self._put_object, name, value)
+            await self._threads.run(self._put_object, name, value, operation="put")
         else:
             await self._put_multipart(name, value)
 
     def _put_object(self, name: str, value: memoryview) -> None:
-        self._client.put_object(Bucket=self._bucket, Key=name, Body=_Body.of(value))
+        self._client.put_object(Bucket=self._bucket, Key=name, Body=Body.of(value))
 
     async def _put_multipart(self, name: str, value: memoryview) -> None:
         """Upload ``value`` in parallel parts; it becomes visible, whole, on completion."""
-        upload_id = await self._call("put", self._create_upload, name)
+        upload_id = await self._threads.run(self._create_upload, name, operation="put")
         step = self.config.part_size
         parts = [value[start : start + step] for start in range(0, len(value), step)]
         try:
             etags = await gather_all(
                 [
-                    self._call("put", self._upload_part, name, upload_id, number, part)
+                    self._threads.run(
+                        self._upload_part, name, upload_id, number, part, operation="put"
+                    )
                     for number, part in enumerate(parts, start=1)
                 ]
             )
-            await self._call("put", self._complete_upload, name, upload_id, etags)
+            await self._threads.run(self._complete_upload, name, upload_id, etags, operation="put")
         except BaseException:
             with suppress(KVStoreError):
-                await self._call("put", self._abort_upload, name, upload_id)
+                await self._threads.run(self._abort_upload, name, upload_id, operation="put")
             raise
 
     def _create_upload(self, name: str) -> str:
@@ -382,7 +219,7 @@ class S3Driver(Driver[S3Config]):
             Key=name,
             UploadId=upload_id,
             PartNumber=number,
-            Body=_Body.of(part),
+            Body=Body.of(part),
         )
         etag: str = response["ETag"]
         return etag
@@ -405,15 +242,21 @@ class S3Driver(Driver[S3Config]):
         keeps changing or is deleted."""
         name = self._name(key)
         for _ in range(_READ_ATTEMPTS):
-            first = await self._call("get", self._get_first, name, target)
+            first = await self._threads.run(self._get_first, name, target, operation="get")
             if first is None:
                 return None
             buffer, read, total, etag = first
             step = self.config.part_size
             outcomes = await gather_all(
                 [
-                    self._call(
-                        "get", self._get_range, name, etag, start, min(start + step, total), buffer
+                    self._threads.run(
+                        self._get_range,
+                        name,
+                        etag,
+                        start,
+                        min(start + step, total),
+                        buffer,
+                        operation="get",
                     )
                     for start in range(read, total, step)
                 ]
@@ -435,9 +278,9 @@ class S3Driver(Driver[S3Config]):
                 Bucket=self._bucket, Key=name, Range=f"bytes=0-{self.config.part_size - 1}"
             )
         except ClientError as exc:
-            if _missing_key(exc):
+            if missing_key(exc):
                 return None
-            if _status(exc) != 416:
+            if status_of(exc) != 416:
                 raise
             response = self._get_whole(name)
             if response is None:
@@ -462,7 +305,7 @@ class S3Driver(Driver[S3Config]):
         try:
             return self._client.get_object(Bucket=self._bucket, Key=name)
         except ClientError as exc:
-            if _missing_key(exc):
+            if missing_key(exc):
                 return None
             raise
 
@@ -473,9 +316,9 @@ class S3Driver(Driver[S3Config]):
                 Bucket=self._bucket, Key=name, Range=f"bytes={start}-{end - 1}", IfMatch=etag
             )
         except ClientError as exc:
-            if _status(exc) in (412, 416):
+            if status_of(exc) in (412, 416):
                 return _Range.CHANGED
-            if _missing_key(exc):
+            if missing_key(exc):
                 return _Range.GONE
             raise
         body = response["Body"]
@@ -515,7 +358,7 @@ class S3Driver(Driver[S3Config]):
         try:
             self._client.head_object(Bucket=self._bucket, Key=name)
         except ClientError as exc:
-            if _missing_key(exc):
+            if missing_key(exc):
                 return False
             raise
         return True
@@ -523,11 +366,15 @@ class S3Driver(Driver[S3Config]):
     async def _delete_batch(self, keys: list[bytes]) -> list[bool]:
         """Delete the keys that exist; ``True`` for the first mention of each of them."""
         names = list(dict.fromkeys(self._name(key) for key in keys))
-        present = await gather_all([self._call("delete", self._exists, name) for name in names])
+        present = await gather_all(
+            [self._threads.run(self._exists, name, operation="delete") for name in names]
+        )
         doomed = [name for name, found in zip(names, present) if found]
         await gather_all(
             [
-                self._call("delete", self._delete_objects, doomed[start : start + _DELETE_BATCH])
+                self._threads.run(
+                    self._delete_objects, doomed[start : start + _DELETE_BATCH], operation="delete"
+                )
                 for start in range(0, len(doomed), _DELETE_BATCH)
             ]
         )
@@ -547,7 +394,7 @@ class S3Driver(Driver[S3Config]):
         failures = response.get("Errors") or []
         if failures:
             failure = failures[0]
-            raise _error_for_code(
+            raise error_for_code(
                 failure.get("Code", ""),
                 0,
                 f"{len(failures)} of {len(names)} deletes failed: {failure.get('Message', '')}",
@@ -564,132 +411,3 @@ class S3Driver(Driver[S3Config]):
         objects = [(item["Key"], int(item["Size"])) for item in response.get("Contents", [])]
         following = response.get("NextContinuationToken") if response.get("IsTruncated") else None
         return objects, following
-
-
-def open_client(config: S3Config) -> Any:
-    """A botocore S3 client built from ``config``, with the bucket checked (or created).
-
-    Blocking: the driver calls it on its pool; the raw-client baseline uses it too.
-    Request bodies are files whose reads are views of the caller's buffers, so a
-    put copies nothing on the client."""
-    try:
-        client = _botocore_session(config.profile).create_client(
-            "s3",
-            region_name=config.region,
-            endpoint_url=config.endpoint_url,
-            aws_access_key_id=config.access_key_id,
-            aws_secret_access_key=config.secret_access_key,
-            aws_session_token=config.session_token,
-            config=BotoConfig(
-                connect_timeout=config.connect_timeout,
-                read_timeout=config.read_timeout,
-                retries={"mode": config.retry_mode, "total_max_attempts": config.max_attempts},
-                max_pool_connections=config.io_threads,
-                s3={"addressing_style": config.addressing_style},
-                request_checksum_calculation=config.checksums,
-                response_checksum_validation=config.checksums,
-                tcp_keepalive=True,
-                user_agent_extra="kvstore",
-            ),
-        )
-    except (BotoCoreError, ValueError) as exc:
-        raise _translate(exc, "open", config) from exc
-    try:
-        _check_bucket(client, config)
-    except BaseException:
-        client.close()
-        raise
-    return client
-
-
-def _botocore_session(profile: str | None) -> Any:
-    """A fresh botocore session (its own credential chain and settings) that shares
-    one loader of service models with the others: opening a driver then takes
-    milliseconds instead of reparsing the S3 model each time."""
-    global _shared_loader
-    session = botocore.session.Session(profile=profile)
-    with _LOADER_LOCK:
-        if _shared_loader is None:
-            _shared_loader = session.get_component("data_loader")
-        else:
-            session.register_component("data_loader", _shared_loader)
-    return session
-
-
-def _check_bucket(client: Any, config: S3Config) -> None:
-    """Raise NotFoundError if the bucket is missing (unless ``create_bucket``)."""
-    try:
-        client.head_bucket(Bucket=config.bucket)
-        return
-    except ClientError as exc:
-        if _status(exc) != 404 or not config.create_bucket:
-            raise _translate(exc, "open", config) from exc
-    except (BotoCoreError, urllib3.exceptions.HTTPError, OSError) as exc:
-        raise _translate(exc, "open", config) from exc
-    options: dict[str, Any] = {"Bucket": config.bucket}
-    region = client.meta.region_name
-    if region and region != "us-east-1":
-        options["CreateBucketConfiguration"] = {"LocationConstraint": region}
-    try:
-        client.create_bucket(**options)
-    except ClientError as exc:
-        if _code(exc) != "BucketAlreadyOwnedByYou":
-            raise _translate(exc, "open", config) from exc
-    except (BotoCoreError, urllib3.exceptions.HTTPError, OSError) as exc:
-        raise _translate(exc, "open", config) from exc
-
-
-def _code(exc: ClientError) -> str:
-    return str(exc.response.get("Error", {}).get("Code", ""))
-
-
-def _status(exc: ClientError) -> int:
-    return int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
-
-
-def _missing_key(exc: ClientError) -> bool:
-    """A 404 for the object itself; a missing bucket is an error, not a miss."""
-    return _code(exc) in _MISSING_KEY_CODES or (
-        _status(exc) == 404 and _code(exc) != "NoSuchBucket"
-    )
-
-
-def _translate(exc: Exception, operation: str, config: S3Config) -> KVStoreError:
-    """The kvstore error for a botocore, urllib3 or socket failure of ``operation``."""
-    where = config.endpoint_url or "AWS S3"
-    driver = config.scheme
-    if isinstance(exc, ClientError):
-        message = str(exc.response.get("Error", {}).get("Message", "")) or str(exc)
-        return _error_for_code(_code(exc), _status(exc), message, operation, config)
-    if isinstance(exc, (ConnectTimeoutError, ReadTimeoutError)):
-        return DriverTimeoutError(f"{operation} timed out at {where}: {exc}", driver=driver)
-    if isinstance(exc, (NoCredentialsError, PartialCredentialsError, ProfileNotFound)):
-        return ConfigError(f"no usable AWS credentials for {where}: {exc}", driver=driver)
-    if isinstance(exc, (NoRegionError, ValueError)):
-        return ConfigError(f"cannot build an S3 client for {where}: {exc}", driver=driver)
-    return DriverUnavailableError(f"{operation} failed: cannot reach {where}: {exc}", driver=driver)
-
-
-def _error_for_code(
-    code: str, status: int, message: str, operation: str, config: S3Config
-) -> KVStoreError:
-    """The kvstore error for an S3 error response."""
-    driver = config.scheme
-    where = config.endpoint_url or "AWS S3"
-    detail = f"{operation} failed at {where}: {code or status} {message}".rstrip()
-    if code == "NoSuchBucket" or (operation == "open" and status == 404):
-        return NotFoundError(
-            f"bucket {config.bucket!r} does not exist at {where} (create it, or open with "
-            "create_bucket=true)",
-            driver=driver,
-        )
-    if code in _TRANSIENT_CODES or status >= 500 or status == 429:
-        return TransientError(detail, driver=driver)
-    if code in _ACCESS_CODES or status == 403:
-        return DriverUnavailableError(
-            f"{detail} (access refused: check the credentials and the bucket policy)",
-            driver=driver,
-        )
-    if code == "EntityTooLarge":
-        return CapacityError(detail, driver=driver)
-    return DriverUnavailableError(detail, driver=driver)

@@ -10,22 +10,22 @@ value or the new one, never a mix, in this process and in any other.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import os
 import tempfile
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import ClassVar, TypeVar
+from typing import ClassVar
 
 from typing_extensions import Self
 
 from kvstore.config_url import DriverConfig
 from kvstore.driver import Capabilities, Driver, KeyEntry, Usage, fill_into, usage_by_listing
-from kvstore.errors import DriverUnavailableError
-from kvstore.inflight import InflightCalls
+from kvstore.errors import DriverUnavailableError, KVStoreError
+from kvstore.threaded import DriverThreads
 
-T = TypeVar("T")
+THREADS = 4
+"""Worker threads doing the file I/O."""
 
 
 class FileConfig(DriverConfig):
@@ -38,10 +38,10 @@ class FileConfig(DriverConfig):
 
 
 class FileDriver(Driver[FileConfig]):
-    """Values in files; every call's blocking work runs in a worker thread
-    (``asyncio.to_thread``), so the event loop never waits on the disk. A call
-    cancelled while its thread runs lets the thread finish before it ends
-    (``InflightCalls``): nothing it was given is touched after it returned."""
+    """Values in files; every call's blocking work runs on the driver's worker
+    threads (``DriverThreads``), so the event loop never waits on the disk. A call
+    cancelled while its thread runs lets the thread finish before it ends: nothing
+    it was given is touched after it returned."""
 
     config_type = FileConfig
     static_capabilities = Capabilities(persistent=True, listable=True)
@@ -49,24 +49,24 @@ class FileDriver(Driver[FileConfig]):
     def __init__(self, config: FileConfig) -> None:
         super().__init__(config)
         self.root = Path(config.path)
-        self._calls = InflightCalls()
+        self._threads = DriverThreads(self.name, THREADS, self._disk_error)
 
     @classmethod
     async def open(cls, config: FileConfig) -> Self:
         driver = cls(config)
-        await driver._blocking(lambda: driver.root.mkdir(parents=True, exist_ok=True))
+        await driver._threads.call(lambda: driver.root.mkdir(parents=True, exist_ok=True))
         return driver
 
     def path_of(self, key: bytes) -> Path:
         return self.root / hashlib.sha256(key).hexdigest()
 
     async def _put_many(self, items: list[tuple[bytes, memoryview]]) -> None:
-        await self._blocking(self._write_all, [(key, bytes(value)) for key, value in items])
+        await self._threads.call(self._write_all, [(key, bytes(value)) for key, value in items])
 
     async def _get_many(
         self, keys: list[bytes], into: list[memoryview | None] | None
     ) -> list[memoryview | None]:
-        values = await self._blocking(self._read_all, keys)
+        values = await self._threads.call(self._read_all, keys)
         targets = into or [None] * len(keys)
         return [
             None if value is None else fill_into(value, target)
@@ -74,13 +74,13 @@ class FileDriver(Driver[FileConfig]):
         ]
 
     async def _contains_many(self, keys: list[bytes]) -> list[bool]:
-        return await self._blocking(lambda: [self.path_of(key).exists() for key in keys])
+        return await self._threads.call(lambda: [self.path_of(key).exists() for key in keys])
 
     async def _delete_many(self, keys: list[bytes]) -> list[bool]:
-        return await self._blocking(lambda: [self._unlink(self.path_of(key)) for key in keys])
+        return await self._threads.call(lambda: [self._unlink(self.path_of(key)) for key in keys])
 
     async def _list(self) -> AsyncIterator[KeyEntry]:
-        for entry in await self._blocking(self._scan):
+        for entry in await self._threads.call(self._scan):
             yield entry
 
     async def _usage(self) -> Usage:
@@ -88,14 +88,13 @@ class FileDriver(Driver[FileConfig]):
 
     async def _close(self) -> None:
         """Nothing is held open between calls; wait for the threads still running."""
-        await self._calls.drain()
+        await self._threads.close()
 
-    async def _blocking(self, func: Callable[..., T], *args: object) -> T:
-        """Run ``func`` in a worker thread; an OSError becomes a kvstore error."""
-        try:
-            return await self._calls.complete(asyncio.to_thread(func, *args))
-        except OSError as exc:
-            raise DriverUnavailableError(f"{self.root}: {exc}", driver=self.name) from exc
+    def _disk_error(self, exc: Exception, operation: str) -> KVStoreError | None:
+        """The driver's ErrorMap: an OSError becomes DriverUnavailableError."""
+        if isinstance(exc, OSError):
+            return DriverUnavailableError(f"{self.root}: {exc}", driver=self.name)
+        return None
 
     def _write_all(self, items: list[tuple[bytes, bytes]]) -> None:
         for key, value in items:
