@@ -1,0 +1,29 @@
+"""The node driver passes the conformance suite against a real ``kvstore node`` process."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kvstore.conformance import DriverTests
+from tests.node_server import NodeServer
+
+
+@pytest.fixture(scope="module")
+def node_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeServer]:
+    server = NodeServer(tmp_path_factory.mktemp("node"), capacity="256MiB")
+    server.start()
+    yield server
+    server.stop()
+
+
+class TestNodeConformance(DriverTests):
+    @pytest.fixture
+    def driver_config(self, node_service: NodeServer) -> str:
+        return node_service.url
+
+
+def test_socket_is_owner_only(node_service: NodeServer) -> None:
+    assert Path(node_service.socket).stat().st_mode & 0o777 == 0o600
