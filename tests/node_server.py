@@ -22,10 +22,15 @@ class NodeServer:
     """One node service; ``url`` is its ``node://`` URL."""
 
     def __init__(
-        self, directory: Path, *, capacity: str = "64MiB", page_size: str = "64KiB"
+        self,
+        directory: Path,
+        *,
+        capacity: str = "64MiB",
+        page_size: str = "64KiB",
+        socket: Path | None = None,
     ) -> None:
         self.directory = directory
-        self.socket = directory / "node.sock"
+        self.socket = socket or directory / "node.sock"
         self.config = directory / "node.yaml"
         self.config.write_text(
             "tiers:\n"

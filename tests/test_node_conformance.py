@@ -6,9 +6,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from node_server import NodeServer
 
 from kvstore.conformance import DriverTests
-from tests.node_server import NodeServer
 
 
 @pytest.fixture(scope="module")

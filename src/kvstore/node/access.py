@@ -62,10 +62,9 @@ def peer_allowed(peer: PeerCredentials, owner_uid: int, group_gid: int | None) -
     if peer.gid == group_gid:
         return True
     try:
-        name = pwd.getpwuid(peer.uid).pw_name
+        return pwd.getpwuid(peer.uid).pw_name in grp.getgrgid(group_gid).gr_mem
     except KeyError:
         return False
-    return name in grp.getgrgid(group_gid).gr_mem
 
 
 def listening_socket(path: Path, group_gid: int | None) -> socket.socket:

@@ -280,6 +280,8 @@ class NodeService:
         stats = self.store.stats()
         return {
             "sessions": len(self._sessions),
+            "reserved_bytes": self.tier.reserved,
+            "free_bytes": self.arena.free_bytes,
             "pinned_chunks": stats.pinned_chunks,
             "tiers": [
                 {

@@ -1,0 +1,231 @@
+"""The node service with real processes: sharing, crashes, restarts and access.
+
+Every client here is a separate process (tests/node_worker.py) or this test
+process, talking to a real ``kvstore node`` process (tests/node_server.py).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+import torch
+from node_server import NodeServer
+from node_worker import HELD_ROOM, key_of, namespace, prompt, store_config, value_of
+
+from kvstore.drivers.node.driver import NodeConfig, NodeDriver
+from kvstore.errors import DriverUnavailableError
+from kvstore.node.access import PeerCredentials, peer_allowed
+from kvstore.store import KVStore
+from kvstore.sync import LoopThread
+
+WORKER = Path(__file__).with_name("node_worker.py")
+NOBODY = 65534
+KiB = 1 << 10
+
+
+@pytest.fixture(scope="module")
+def node_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeServer]:
+    # The socket's directory is open to all, so the uid test reaches the credential check.
+    socket_dir = Path(tempfile.mkdtemp(prefix="kvstore-node-"))
+    socket_dir.chmod(0o755)
+    server = NodeServer(
+        tmp_path_factory.mktemp("node"), capacity="256MiB", socket=socket_dir / "node.sock"
+    )
+    server.start()
+    yield server
+    server.stop()
+    shutil.rmtree(socket_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def loop() -> Iterator[LoopThread]:
+    thread = LoopThread()
+    yield thread
+    thread.stop()
+
+
+def open_driver(loop: LoopThread, url: str) -> NodeDriver:
+    return loop.run(NodeDriver.open(NodeConfig.from_url(url)), 10)
+
+
+def worker(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, str(WORKER), *args], stdout=subprocess.PIPE, text=True, cwd=WORKER.parent
+    )
+
+
+def service_stats(loop: LoopThread, driver: NodeDriver) -> dict[str, Any]:
+    return loop.run(driver.node_stats(), 10)
+
+
+def wait_for(condition: Any, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_two_processes_share_chunks_bit_identically(node_service: NodeServer) -> None:
+    writer = worker("store", node_service.url, "1")
+    out, _ = writer.communicate(timeout=60)
+    assert writer.returncode == 0
+    assert out.strip() == "stored 8"
+    tokens, kv = prompt(1)
+    with KVStore.open(store_config(node_service.url), namespace()) as store:
+        result = store.retrieve(tokens)
+    assert result.tokens == len(tokens)
+    assert result.kv is not None
+    assert torch.equal(result.kv.view(torch.int16), kv.view(torch.int16))
+
+
+def test_writer_killed_mid_stores_leaves_committed_values_whole_and_no_room_taken(
+    node_service: NodeServer, loop: LoopThread
+) -> None:
+    size = 512 * KiB
+    writer = worker("write", node_service.url, str(size))
+    assert writer.stdout is not None
+    committed = [int(writer.stdout.readline()) for _ in range(40)]
+    os.kill(writer.pid, signal.SIGKILL)
+    writer.wait(timeout=10)
+    driver = open_driver(loop, node_service.url)
+    try:
+        values = loop.run(driver.get_many([key_of(i) for i in committed]), 10)
+        assert [bytes(v) if v is not None else None for v in values] == [
+            value_of(i, size) for i in committed
+        ]
+        # Whatever else the writer got in is whole: committed, or not there at all.
+        stored = [e.key for e in loop.run(_listed(driver), 10) if e.key.startswith(b"node-test-")]
+        for key, value in zip(stored, loop.run(driver.get_many(stored), 10)):
+            assert value is not None
+            assert bytes(value) == value_of(int(key[len(b"node-test-") :]), size)
+        wait_for(lambda: service_stats(loop, driver)["sessions"] == 1)
+        assert service_stats(loop, driver)["reserved_bytes"] == 0
+        loop.run(driver.delete_many(stored), 10)
+    finally:
+        loop.run(driver.close(), 10)
+
+
+async def _listed(driver: NodeDriver) -> list[Any]:
+    return [entry async for entry in driver.list()]
+
+
+def test_a_killed_client_frees_its_room_and_ends_its_loans(
+    node_service: NodeServer, loop: LoopThread
+) -> None:
+    driver = open_driver(loop, node_service.url)
+    try:
+        free = service_stats(loop, driver)["free_bytes"]
+        holder = worker("hold", node_service.url, "lent")
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == "holding"
+        stats = service_stats(loop, driver)
+        assert stats["reserved_bytes"] == HELD_ROOM
+        assert stats["free_bytes"] == free - 2 * HELD_ROOM
+        # Deleted while lent: the value stays intact for the borrower until it lets go.
+        assert loop.run(driver.delete_many([b"lent"]), 10) == [True]
+        assert service_stats(loop, driver)["free_bytes"] == free - 2 * HELD_ROOM
+        os.kill(holder.pid, signal.SIGKILL)
+        holder.wait(timeout=10)
+        wait_for(lambda: service_stats(loop, driver)["free_bytes"] == free)
+        assert service_stats(loop, driver)["reserved_bytes"] == 0
+    finally:
+        loop.run(driver.close(), 10)
+
+
+@pytest.mark.slow
+def test_clients_recover_from_a_service_restart_without_restarting(tmp_path: Path) -> None:
+    server = NodeServer(tmp_path)
+    server.start()
+    tokens, kv = prompt(2)
+    config = store_config(server.url + "?retry_s=0.1")
+    try:
+        with KVStore.open(config, namespace()) as store:
+            assert store.store(tokens, kv).written == 8
+            assert store.retrieve(tokens).tokens == len(tokens)
+            server.kill()
+            # Down: misses, no errors.
+            assert store.retrieve(tokens).tokens == 0
+            assert store.store(tokens, kv).written == 0
+            server.start()
+            time.sleep(0.2)
+            assert store.retrieve(tokens).tokens == 0  # a new service starts empty
+            assert store.store(tokens, kv).written == 8
+            result = store.retrieve(tokens)
+            assert result.tokens == len(tokens)
+            assert result.kv is not None
+            assert torch.equal(result.kv.view(torch.int16), kv.view(torch.int16))
+    finally:
+        server.stop()
+
+
+def test_the_driver_reports_a_stopped_service_as_unavailable(tmp_path: Path) -> None:
+    with pytest.raises(DriverUnavailableError):
+        LoopThread().run(NodeDriver.open(NodeConfig.from_url(f"node://{tmp_path}/none.sock")), 10)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a client as another uid")
+def test_another_uid_cannot_connect(node_service: NodeServer) -> None:
+    """As uid 65534: the owner-only socket refuses the connection; with the socket
+    opened to all, the service's SO_PEERCRED check refuses it."""
+    assert node_service.socket.stat().st_mode & 0o777 == 0o600
+    assert _connect_as(NOBODY, node_service.socket) == ("error", "EACCES")
+    node_service.socket.chmod(0o666)
+    try:
+        kind, reply = _connect_as(NOBODY, node_service.socket)
+    finally:
+        node_service.socket.chmod(0o600)
+    assert kind == "reply"
+    message = msgpack.unpackb(bytes.fromhex(reply)[4:])
+    assert message["error"] == "PermissionDeniedError"
+    assert f"uid {NOBODY}" in message["message"]
+
+
+def _connect_as(uid: int, path: Path) -> tuple[str, str]:
+    """Connect to ``path`` from a child process running as ``uid``; what happened."""
+    import errno
+    import socket
+
+    read_end, write_end = os.pipe()
+    child = os.fork()
+    if child == 0:
+        try:
+            os.close(read_end)
+            os.setgid(uid)
+            os.setuid(uid)
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(5)
+            try:
+                sock.connect(str(path))
+                outcome = "reply " + sock.recv(4096).hex()
+            except OSError as exc:
+                outcome = "error " + errno.errorcode.get(exc.errno or 0, str(exc))
+            os.write(write_end, outcome.encode())
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    with os.fdopen(read_end) as pipe:
+        outcome = pipe.read()
+    os.waitpid(child, 0)
+    kind, _, detail = outcome.partition(" ")
+    return kind, detail
+
+
+def test_peer_check_serves_the_owner_and_the_group_only() -> None:
+    """The credential check itself, with credentials another uid would present."""
+    owner = os.getuid()
+    assert peer_allowed(PeerCredentials(1, owner, 0), owner, None)
+    assert not peer_allowed(PeerCredentials(1, owner + 1000, 4242), owner, None)
+    assert not peer_allowed(PeerCredentials(1, owner + 1000, 4242), owner, 4243)
+    assert peer_allowed(PeerCredentials(1, owner + 1000, 4242), owner, 4242)
