@@ -219,7 +219,7 @@ class NodeDriver(Driver[NodeConfig]):
                     results.append(result)
                 return results
             finally:
-                await self._request(connection, {"op": "release", "id": reply["id"]})
+                await self._notify(connection, {"op": "release", "id": reply["id"]})
 
     def _borrow_many(
         self, keys: list[bytes]
@@ -243,8 +243,7 @@ class NodeDriver(Driver[NodeConfig]):
                     views.append(connection.arena[offset : offset + size].data.toreadonly())
                 yield views
             finally:
-                if not connection.broken:
-                    await self._request(connection, {"op": "release", "id": reply["id"]})
+                await self._notify(connection, {"op": "release", "id": reply["id"]})
 
     async def _contains_many(self, keys: list[bytes]) -> list[bool]:
         async with self._session() as connection:
@@ -302,6 +301,20 @@ class NodeDriver(Driver[NodeConfig]):
                 raise
             self._connection = connection
         yield connection
+
+    async def _notify(self, connection: _Connection, message: dict[str, Any]) -> None:
+        """Send a request the service does not answer (``UNANSWERED``); on a broken
+        connection there is nothing to send: the service ended its loans already."""
+        if connection.broken:
+            return
+        async with connection.lock:
+            try:
+                await send_message(connection.sock, message)
+            except OSError:
+                connection.broken = True
+            except BaseException:
+                connection.broken = True
+                raise
 
     async def _request(self, connection: _Connection, message: dict[str, Any]) -> Any:
         """Send one request and wait for its reply. A connection that fails or whose

@@ -57,6 +57,11 @@ already tagged with their tenant and namespace, so this one is never used to
 make keys."""
 
 
+UNANSWERED = frozenset({"release"})
+"""Operations the service sends no reply to: nothing can fail that the client
+could act on, so it need not wait a round trip."""
+
+
 @dataclass
 class _Reservation:
     keys: list[bytes]
@@ -147,7 +152,9 @@ class NodeService:
             self._greet(conn)
             while True:
                 request = await receive_message(conn)
-                await send_message(conn, await self._answer(session, request))
+                reply = await self._answer(session, request)
+                if not (isinstance(request, dict) and request.get("op") in UNANSWERED):
+                    await send_message(conn, reply)
         except (ConnectionClosed, OSError):
             pass
         except Exception:
@@ -260,7 +267,8 @@ class NodeService:
             self.arena.end_loan(entries)
 
     async def _op_contains(self, session: _Session, request: dict[str, Any]) -> list[bool]:
-        return await self.arena.contains_many(self._keys(request))
+        held: list[bool] = await self.arena.contains_many(self._keys(request))
+        return held
 
     async def _op_delete(self, session: _Session, request: dict[str, Any]) -> list[bool]:
         deleted: list[bool] = await self.tier.delete(self._keys(request))
