@@ -229,3 +229,28 @@ def test_peer_check_serves_the_owner_and_the_group_only() -> None:
     assert not peer_allowed(PeerCredentials(1, owner + 1000, 4242), owner, None)
     assert not peer_allowed(PeerCredentials(1, owner + 1000, 4242), owner, 4243)
     assert peer_allowed(PeerCredentials(1, owner + 1000, 4242), owner, 4242)
+
+
+def test_a_full_service_evicts_the_least_recently_used_whoever_wrote_them(
+    node_service: NodeServer, loop: LoopThread
+) -> None:
+    """Puts past the service's capacity evict old values, also another client's,
+    so a full host cache keeps taking chunks; a value being used survives."""
+    first, second = open_driver(loop, node_service.url), open_driver(loop, node_service.url)
+    size = 16 << 20
+    try:
+        old = [b"lru-old-%d" % i for i in range(4)]
+        loop.run(first.put_many([(key, value_of(i, size)) for i, key in enumerate(old)]), 10)
+        new = [b"lru-new-%d" % i for i in range(17)]
+        for i, key in enumerate(new):
+            loop.run(second.get_many([old[0]]), 10)  # keeps old[0] the most recently used
+            loop.run(second.put_many([(key, value_of(100 + i, size))]), 10)
+        assert loop.run(first.contains_many(old), 10) == [True, False, False, False]
+        assert bytes(loop.run(first.get_many([new[-1]]), 10)[0] or b"") == value_of(116, size)
+        stats = service_stats(loop, first)["tiers"][0]
+        assert stats["used_bytes"] <= stats["capacity_bytes"]
+        assert stats["evictions"] >= 3
+        loop.run(first.delete_many(old + new), 10)
+    finally:
+        loop.run(first.close(), 10)
+        loop.run(second.close(), 10)

@@ -6,10 +6,11 @@ Each connection is a session: a writer reserves room (``reserve``), writes
 the values into the arena through its own mapping, then ``commit``s (or
 ``abort``s); a reader borrows values (``lend``: their offsets, kept intact
 until ``release``) and copies or verifies them in place. Room is made in the
-first tier's ledger, the store's ``Tier`` (its capacity, eviction policy and
-counters). A session's reservations and loans end with its connection, so a
-client that dies at any instant leaves no room taken and nothing half-written
-visible: uncommitted room is never published.
+first tier's ledger (the store's ``Tier``) by the store's own placement code,
+so capacity, eviction order, pins and write-back are the in-process store's.
+A session's reservations and loans end with its connection, so a client that
+dies at any instant leaves no room taken and nothing half-written visible:
+uncommitted room is never published.
 """
 
 from __future__ import annotations
@@ -70,12 +71,25 @@ class _Reservation:
     cost: int
 
 
+@dataclass
+class _Loan:
+    """Lent entries, and the tier's borrow of them: the store's ledger counts their
+    keys as being read (never evicted as victims, their room kept) until the end."""
+
+    entries: list[ArenaEntry | None]
+    ledger: contextlib.AsyncExitStack
+
+    async def end(self, arena: CpuDriver) -> None:
+        arena.end_loan(self.entries)
+        await self.ledger.aclose()
+
+
 @dataclass(eq=False)
 class _Session:
     """One client connection's reservations and loans, ended with it."""
 
     reservations: dict[int, _Reservation] = field(default_factory=dict)
-    loans: dict[int, list[ArenaEntry | None]] = field(default_factory=dict)
+    loans: dict[int, _Loan] = field(default_factory=dict)
 
 
 class NodeService:
@@ -160,7 +174,7 @@ class NodeService:
         except Exception:
             log.exception("node service: a session failed")
         finally:
-            self._end(session)
+            await self._end(session)
             self._sessions.discard(session)
             conn.close()
 
@@ -200,15 +214,16 @@ class NodeService:
             log.exception("node service: %s failed", request.get("op"))
             return error_reply(InternalError(f"{type(exc).__name__}: {exc}"))
 
-    def _end(self, session: _Session) -> None:
+    async def _end(self, session: _Session) -> None:
         """Free what a closed connection held: its room and its loans."""
         for reservation in session.reservations.values():
             self._unreserve(reservation)
             self.arena.abort_room(reservation.entries)
-        for entries in session.loans.values():
-            self.arena.end_loan(entries)
         session.reservations.clear()
+        loans = list(session.loans.values())
         session.loans.clear()
+        for loan in loans:
+            await loan.end(self.arena)
 
     # ------------------------------------------------------------- operations
 
@@ -247,9 +262,11 @@ class NodeService:
     async def _op_lend(self, session: _Session, request: dict[str, Any]) -> dict[str, Any]:
         keys = [bytes(key) for key in request["keys"]]
         check_keys(keys, self.arena.name)
+        ledger = contextlib.AsyncExitStack()
+        await ledger.enter_async_context(self.tier.borrow(keys))
         entries = self.arena.lend(keys)
         loan_id = next(self._ids)
-        session.loans[loan_id] = entries
+        session.loans[loan_id] = _Loan(entries, ledger)
         for key, entry in zip(keys, entries):
             if entry is None:
                 self.tier.stats.misses += 1
@@ -262,9 +279,9 @@ class NodeService:
         return {"id": loan_id, "values": values}
 
     async def _op_release(self, session: _Session, request: dict[str, Any]) -> None:
-        entries = session.loans.pop(int(request["id"]), None)
-        if entries is not None:
-            self.arena.end_loan(entries)
+        loan = session.loans.pop(int(request["id"]), None)
+        if loan is not None:
+            await loan.end(self.arena)
 
     async def _op_contains(self, session: _Session, request: dict[str, Any]) -> list[bool]:
         held: list[bool] = await self.arena.contains_many(self._keys(request))
@@ -310,20 +327,14 @@ class NodeService:
     # ------------------------------------------------------------------ room
 
     async def _make_room(self, cost: int) -> None:
-        """Evict from the first tier, in its policy's order, until ``cost`` more
-        bytes fit under its limit, and reserve them; CapacityError if they cannot."""
-        tier = self.tier
-        async with tier.room_lock:
-            while (need := tier.occupied_bytes + cost - tier.limit) > 0:
-                victims = tier.victims(need, lambda _key: False)
-                if not victims:
-                    raise CapacityError(
-                        f"{cost} bytes do not fit in the node tier of {tier.capacity} bytes",
-                        driver=self.arena.name,
-                    )
-                tier.stats.evictions += len(victims)
-                await tier.delete([key for key, _ in victims])
-            tier.reserved += cost
+        """Reserve ``cost`` bytes in the first tier through the store's own placement:
+        it evicts in the tier's policy order, skips pinned and borrowed chunks, and
+        hands write-back chunks down to the tier below; CapacityError if it cannot."""
+        if not await self.store._reserve(self.tier, cost):
+            raise CapacityError(
+                f"{cost} bytes do not fit in the node tier of {self.tier.capacity} bytes",
+                driver=self.arena.name,
+            )
 
     def _unreserve(self, reservation: _Reservation) -> None:
         self.tier.reserved -= reservation.cost
