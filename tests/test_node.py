@@ -24,8 +24,8 @@ from node_server import NodeServer
 from node_worker import HELD_ROOM, key_of, namespace, prompt, store_config, value_of
 
 from kvstore.drivers.node.driver import NodeConfig, NodeDriver
-from kvstore.errors import DriverUnavailableError
-from kvstore.node.access import PeerCredentials, peer_allowed
+from kvstore.errors import ConfigError, DriverUnavailableError
+from kvstore.node.access import PeerCredentials, listening_socket, peer_allowed
 from kvstore.store import KVStore
 from kvstore.sync import LoopThread
 
@@ -254,3 +254,21 @@ def test_a_full_service_evicts_the_least_recently_used_whoever_wrote_them(
     finally:
         loop.run(first.close(), 10)
         loop.run(second.close(), 10)
+
+
+def test_a_group_socket_is_0660_and_a_live_socket_is_not_taken_over(tmp_path: Path) -> None:
+    path = tmp_path / "run" / "node.sock"
+    listener = listening_socket(path, os.getgid())
+    try:
+        assert path.stat().st_mode & 0o777 == 0o660
+        assert path.stat().st_gid == os.getgid()
+        with pytest.raises(ConfigError, match="already serving"):
+            listening_socket(path, None)
+    finally:
+        listener.close()
+    # The socket of a service that died is stale: a new service replaces it.
+    replaced = listening_socket(path, None)
+    try:
+        assert path.stat().st_mode & 0o777 == 0o600
+    finally:
+        replaced.close()
