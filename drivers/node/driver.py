@@ -16,6 +16,7 @@ connection, and with it (on the service's side) the room and loans it held.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import mmap
 import os
@@ -46,6 +47,11 @@ from kvstore.sizes import format_size
 
 ByteArray = npt.NDArray[np.uint8]
 Segments = list[list[int]]
+CopyPair = tuple[ByteArray, ByteArray]
+"""A destination and a source array of the same length."""
+
+OFFLOAD_BYTES = 1 << 20
+"""Copies of at least this many bytes run on the driver's copy thread, off the event loop."""
 
 
 class NodeConfig(DriverConfig):
@@ -89,17 +95,16 @@ class _Connection:
         with contextlib.suppress(BufferError):
             self.mapping.close()
 
-    def copy_in(self, segments: Segments, value: ByteArray) -> None:
+    def pairs(self, segments: Segments, value: ByteArray, *, to_arena: bool) -> list[CopyPair]:
+        """The copies between ``value`` and the arena runs ``segments`` that hold it."""
+        pairs: list[CopyPair] = []
         position = 0
         for offset, length in segments:
-            np.copyto(self.arena[offset : offset + length], value[position : position + length])
+            stored = self.arena[offset : offset + length]
+            piece = value[position : position + length]
+            pairs.append((stored, piece) if to_arena else (piece, stored))
             position += length
-
-    def copy_out(self, segments: Segments, value: ByteArray) -> None:
-        position = 0
-        for offset, length in segments:
-            np.copyto(value[position : position + length], self.arena[offset : offset + length])
-            position += length
+        return pairs
 
 
 def _connect(config: NodeConfig) -> _Connection:
@@ -166,6 +171,9 @@ class NodeDriver(Driver[NodeConfig]):
             ),
         )
         self._retry_at = 0.0
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="kvstore-node-copy"
+        )
 
     @classmethod
     async def open(cls, config: NodeConfig) -> Self:
@@ -188,11 +196,14 @@ class NodeDriver(Driver[NodeConfig]):
             reply = await self._request(
                 connection, {"op": "reserve", "items": [[key, len(view)] for key, view in items]}
             )
+            pairs: list[CopyPair] = []
+            for (_, view), segments in zip(items, reply["rooms"], strict=True):
+                value = np.frombuffer(view, dtype=np.uint8)
+                pairs.extend(connection.pairs(segments, value, to_arena=True))
             try:
-                for (_, view), segments in zip(items, reply["rooms"], strict=True):
-                    connection.copy_in(segments, np.frombuffer(view, dtype=np.uint8))
+                await self._copy(pairs)
             except BaseException:
-                await self._request(connection, {"op": "abort", "id": reply["id"]})
+                await self._notify(connection, {"op": "abort", "id": reply["id"]})
                 raise
             await self._request(connection, {"op": "commit", "id": reply["id"]})
 
@@ -203,6 +214,7 @@ class NodeDriver(Driver[NodeConfig]):
             reply = await self._request(connection, {"op": "lend", "keys": keys})
             try:
                 results: list[memoryview | None] = []
+                pairs: list[CopyPair] = []
                 for index, lent in enumerate(reply["values"]):
                     if lent is None:
                         results.append(None)
@@ -215,8 +227,9 @@ class NodeDriver(Driver[NodeConfig]):
                     else:
                         value = np.empty(size, dtype=np.uint8)
                         result = value.data
-                    connection.copy_out(segments, value)
+                    pairs.extend(connection.pairs(segments, value, to_arena=False))
                     results.append(result)
+                await self._copy(pairs)
                 return results
             finally:
                 await self._notify(connection, {"op": "release", "id": reply["id"]})
@@ -275,7 +288,21 @@ class NodeDriver(Driver[NodeConfig]):
             stats: dict[str, Any] = await self._request(connection, {"op": "stats"})
         return stats
 
+    async def _copy(self, pairs: list[CopyPair]) -> None:
+        """Run the copies: inline when small, else on the copy thread. Returns only
+        once the thread has stopped, even when cancelled, so room is never aborted
+        or a loan released while the thread still copies."""
+        if sum(len(destination) for destination, _ in pairs) < OFFLOAD_BYTES:
+            _copy_all(pairs)
+            return
+        future = self._executor.submit(_copy_all, pairs)
+        try:
+            await asyncio.wrap_future(future)
+        finally:
+            concurrent.futures.wait([future])
+
     async def _close(self) -> None:
+        self._executor.shutdown(wait=True)
         if self._connection is not None:
             self._connection.close()
             self._connection = None
@@ -337,3 +364,8 @@ class NodeDriver(Driver[NodeConfig]):
         if "ok" not in reply:
             raise_reply_error(reply, self.name)
         return reply["ok"]
+
+
+def _copy_all(pairs: list[CopyPair]) -> None:
+    for destination, source in pairs:
+        np.copyto(destination, source)

@@ -58,7 +58,7 @@ already tagged with their tenant and namespace, so this one is never used to
 make keys."""
 
 
-UNANSWERED = frozenset({"release"})
+UNANSWERED = frozenset({"release", "abort"})
 """Operations the service sends no reply to: nothing can fail that the client
 could act on, so it need not wait a round trip."""
 
