@@ -330,37 +330,36 @@ class NodeDriver(Driver[NodeConfig]):
         yield connection
 
     async def _notify(self, connection: _Connection, message: dict[str, Any]) -> None:
-        """Send a request the service does not answer (``UNANSWERED``); on a broken
-        connection there is nothing to send: the service ended its loans already."""
-        if connection.broken:
-            return
-        async with connection.lock:
-            try:
-                await send_message(connection.sock, message)
-            except OSError:
-                connection.broken = True
-            except BaseException:
-                connection.broken = True
-                raise
+        """Send a request the service does not answer (``UNANSWERED``). On a broken
+        connection there is nothing to send: the service ended its room and loans
+        when it closed; an interrupted send breaks the connection, to the same end."""
+        try:
+            async with connection.lock:
+                if not connection.broken:
+                    await send_message(connection.sock, message)
+        except OSError:
+            connection.broken = True
+        except BaseException:
+            connection.broken = True
+            raise
 
     async def _request(self, connection: _Connection, message: dict[str, Any]) -> Any:
         """Send one request and wait for its reply. A connection that fails or whose
         call is interrupted mid-request is dropped (the service then frees what it held)."""
-        if connection.broken:
-            raise DriverUnavailableError("the node service connection was lost", driver=self.name)
-        async with connection.lock:
-            try:
+        try:
+            async with connection.lock:
+                if connection.broken:
+                    raise ConnectionClosed("an earlier call on it failed")
                 await send_message(connection.sock, message)
                 reply = await receive_message(connection.sock)
-            except (ConnectionClosed, OSError) as exc:
-                connection.broken = True
-                self._retry_at = 0.0
-                raise DriverUnavailableError(
-                    f"the node service connection was lost: {exc}", driver=self.name
-                ) from exc
-            except BaseException:
-                connection.broken = True
-                raise
+        except (ConnectionClosed, OSError) as exc:
+            connection.broken = True
+            raise DriverUnavailableError(
+                f"the node service connection was lost: {exc}", driver=self.name
+            ) from exc
+        except BaseException:
+            connection.broken = True
+            raise
         if "ok" not in reply:
             raise_reply_error(reply, self.name)
         return reply["ok"]
