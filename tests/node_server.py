@@ -28,13 +28,18 @@ class NodeServer:
         capacity: str = "64MiB",
         page_size: str = "64KiB",
         socket: Path | None = None,
+        first_tier: str = "",
+        lower_tiers: str = "",
     ) -> None:
+        """``first_tier``: more YAML keys of the arena's tier (indented under it);
+        ``lower_tiers``: YAML list items of the tiers below it."""
         self.directory = directory
         self.socket = socket or directory / "node.sock"
         self.config = directory / "node.yaml"
         self.config.write_text(
             "tiers:\n"
             f"  - url: cpu://?capacity={capacity}&page_size={page_size}&pin=none&shared=true\n"
+            f"{first_tier}{lower_tiers}"
         )
         self.log = directory / "node.log"
         self.process: subprocess.Popen[bytes] | None = None

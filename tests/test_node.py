@@ -272,3 +272,35 @@ def test_a_group_socket_is_0660_and_a_live_socket_is_not_taken_over(tmp_path: Pa
         assert path.stat().st_mode & 0o777 == 0o600
     finally:
         replaced.close()
+
+
+@pytest.mark.slow
+def test_the_services_lower_tiers_take_evicted_chunks_and_give_them_back(tmp_path: Path) -> None:
+    """A write-back first tier hands the chunks it evicts to the nvme tier below
+    (the store's placement); a client's lookup and retrieve find them there and
+    the service promotes them back into the arena, bit-identical."""
+    server = NodeServer(
+        tmp_path,
+        capacity="512KiB",  # 8 pages: one prompt's 8 chunks
+        first_tier="    write_policy: write-back\n",
+        lower_tiers=f"  - url: nvme://{tmp_path}/disk?capacity=64MiB\n",
+    )
+    server.start()
+    (tokens, kv), (other_tokens, other_kv) = prompt(3), prompt(4)
+    loop = LoopThread()
+    try:
+        with KVStore.open(store_config(server.url), namespace()) as store:
+            assert store.store(tokens, kv).written == 8
+            assert store.store(other_tokens, other_kv).written == 8  # evicts the first 8
+            result = store.retrieve(tokens)
+        assert result.tokens == len(tokens)
+        assert result.kv is not None
+        assert torch.equal(result.kv.view(torch.int16), kv.view(torch.int16))
+        client = open_driver(loop, server.url)
+        tiers = service_stats(loop, client)["tiers"]
+        loop.run(client.close(), 10)
+        assert tiers[0]["evictions"] >= 8
+        assert tiers[1]["hits"] >= 8
+    finally:
+        loop.stop()
+        server.stop()

@@ -192,6 +192,21 @@ class NodeDriver(Driver[NodeConfig]):
         return -(-nbytes // self._page_size) * self._page_size
 
     async def _put_many(self, items: list[tuple[bytes, memoryview]]) -> None:
+        """Put in groups of at most half the service's capacity, each reserved,
+        written and committed whole, so the service can make room for each."""
+        limit = max(1, self._capabilities.max_value_bytes or 0) // 2
+        group: list[tuple[bytes, memoryview]] = []
+        room = 0
+        for key, view in items:
+            size = self.footprint(len(view))
+            if group and room + size > limit:
+                await self._put_group(group)
+                group, room = [], 0
+            group.append((key, view))
+            room += size
+        await self._put_group(group)
+
+    async def _put_group(self, items: list[tuple[bytes, memoryview]]) -> None:
         async with self._session() as connection:
             reply = await self._request(
                 connection, {"op": "reserve", "items": [[key, len(view)] for key, view in items]}

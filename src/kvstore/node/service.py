@@ -260,11 +260,17 @@ class NodeService:
             self.arena.abort_room(reservation.entries)
 
     async def _op_lend(self, session: _Session, request: dict[str, Any]) -> dict[str, Any]:
-        keys = [bytes(key) for key in request["keys"]]
-        check_keys(keys, self.arena.name)
+        keys = self._keys(request)
         ledger = contextlib.AsyncExitStack()
         await ledger.enter_async_context(self.tier.borrow(keys))
-        entries = self.arena.lend(keys)
+        try:
+            # Borrowed first, so promoting the absent keys evicts none of the others.
+            held = await self.arena.contains_many(keys)
+            await self._promote([key for key, there in zip(keys, held) if not there])
+            entries = self.arena.lend(keys)
+        except BaseException:
+            await ledger.aclose()
+            raise
         loan_id = next(self._ids)
         session.loans[loan_id] = _Loan(entries, ledger)
         for key, entry in zip(keys, entries):
@@ -284,11 +290,29 @@ class NodeService:
             await loan.end(self.arena)
 
     async def _op_contains(self, session: _Session, request: dict[str, Any]) -> list[bool]:
-        held: list[bool] = await self.arena.contains_many(self._keys(request))
+        """Held in the first tier, or in a tier below (a ``lend`` promotes it)."""
+        keys = self._keys(request)
+        held: list[bool] = await self.arena.contains_many(keys)
+        for tier in self.store.tiers[1:]:
+            absent = [key for key, there in zip(keys, held) if not there]
+            if not absent:
+                break
+            found = set(await self._held_in(tier, absent))
+            held = [there or key in found for key, there in zip(keys, held)]
         return held
 
     async def _op_delete(self, session: _Session, request: dict[str, Any]) -> list[bool]:
-        deleted: list[bool] = await self.tier.delete(self._keys(request))
+        """Delete from every tier; ``True`` where some tier held the key."""
+        keys = self._keys(request)
+        deleted = [False] * len(keys)
+        for tier in self.store.tiers:
+            try:
+                done = await tier.delete(keys)
+            except KVStoreError:
+                if tier.position == 0:
+                    raise
+                continue
+            deleted = [a or b for a, b in zip(deleted, done)]
         return deleted
 
     async def _op_list(self, session: _Session, request: dict[str, Any]) -> list[list[Any]]:
@@ -335,6 +359,54 @@ class NodeService:
                 f"{cost} bytes do not fit in the node tier of {self.tier.capacity} bytes",
                 driver=self.arena.name,
             )
+
+    async def _held_in(self, tier: Tier, keys: list[bytes]) -> list[bytes]:
+        """The ``keys`` a tier below the first holds: by its index, and for a shared
+        tier also by asking it; none while it is down or failing."""
+        if tier.down is not None:
+            return []
+        held = [key for key in keys if key in tier.index]
+        others = [key for key in keys if key not in tier.index]
+        if tier.shared and others:
+            try:
+                there = await tier.call("contains_many", tier.driver.contains_many(others))
+            except KVStoreError:
+                return held
+            held += [key for key, yes in zip(others, there) if yes]
+        return held
+
+    async def _promote(self, keys: list[bytes]) -> None:
+        """Copy values of ``keys`` found in the tiers below into the first tier,
+        fastest tier first, so they can be lent. The chunks are self-describing
+        (codec stack in their header) and clients verify them as they read."""
+        for tier in self.store.tiers[1:]:
+            wanted = await self._held_in(tier, keys) if keys else []
+            if not wanted:
+                continue
+            try:
+                values = await tier.call("get_many", tier.driver.get_many(wanted))
+            except KVStoreError:
+                continue
+            found = [(key, value) for key, value in zip(wanted, values) if value is not None]
+            tier.stats.hits += len(found)
+            tier.stats.misses += len(wanted) - len(found)
+            if not found:
+                continue
+            cost = sum(self.tier.footprint(len(value)) for _, value in found)
+            try:
+                await self._make_room(cost)
+            except CapacityError:
+                return
+            try:
+                await self.arena.put_many(found)
+            except KVStoreError:
+                return
+            finally:
+                self.tier.reserved -= cost
+            for key, value in found:
+                self.tier.record(key, self.tier.footprint(len(value)))
+            promoted = {key for key, _ in found}
+            keys = [key for key in keys if key not in promoted]
 
     def _unreserve(self, reservation: _Reservation) -> None:
         self.tier.reserved -= reservation.cost
