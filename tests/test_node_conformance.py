@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from node_server import NodeServer
 
+from kvstore.cli import main
 from kvstore.conformance import DriverTests
 
 
@@ -27,3 +29,12 @@ class TestNodeConformance(DriverTests):
 
 def test_socket_is_owner_only(node_service: NodeServer) -> None:
     assert Path(node_service.socket).stat().st_mode & 0o777 == 0o600
+
+
+def test_cli_report(node_service: NodeServer, tmp_path: Path) -> None:
+    report = tmp_path / "report.json"
+    assert main(["conformance", "--json", str(report), node_service.url, "--", "-k", "core"]) == 0
+    data = json.loads(report.read_text())
+    assert data["passed"] is True
+    assert data["areas"]["core"]["failed"] == 0
+    assert data["areas"]["core"]["passed"] > 0
