@@ -1,8 +1,9 @@
 """Client processes of a node service for tests/test_node.py: ``node_worker.py MODE URL ARG``.
 
 store URL SEED: store a prompt's KV (from SEED) through a store whose one tier is URL.
-write URL SIZE: put values ``value_of(i, SIZE)`` under ``key_of(i)``, i = 0, 1, ...,
-    printing each i once its put has returned, until killed.
+write URL SIZE: put values ``value_of(i, SIZE)`` under ``key_of(i)``, i = 0, 1, ...
+    (modulo WRITTEN_KEYS, so the service never needs to evict), printing each i
+    once its put has returned, until killed.
 hold URL KEY: reserve room for a value and borrow KEY, print ``holding``, and wait to be killed.
 """
 
@@ -27,6 +28,7 @@ if TYPE_CHECKING:
 CHUNK_TOKENS = 16
 LAYERS, KV_HEADS, HEAD_DIM = 2, 2, 16
 HELD_ROOM = 1 << 20
+WRITTEN_KEYS = 64
 
 
 def namespace() -> Namespace:
@@ -77,8 +79,9 @@ async def _write(url: str, size: int) -> None:
     driver = await NodeDriver.open(NodeConfig.from_url(url))
     index = 0
     while True:
-        await driver.put_many([(key_of(index), value_of(index, size))])
-        print(index, flush=True)
+        key = index % WRITTEN_KEYS
+        await driver.put_many([(key_of(key), value_of(key, size))])
+        print(key, flush=True)
         index += 1
 
 

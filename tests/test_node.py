@@ -21,7 +21,15 @@ import msgpack
 import pytest
 import torch
 from node_server import NodeServer
-from node_worker import HELD_ROOM, key_of, namespace, prompt, store_config, value_of
+from node_worker import (
+    HELD_ROOM,
+    WRITTEN_KEYS,
+    key_of,
+    namespace,
+    prompt,
+    store_config,
+    value_of,
+)
 
 from kvstore.drivers.node.driver import NodeConfig, NodeDriver
 from kvstore.errors import ConfigError, DriverUnavailableError
@@ -96,7 +104,7 @@ def test_writer_killed_mid_stores_leaves_committed_values_whole_and_no_room_take
     size = 512 * KiB
     writer = worker("write", node_service.url, str(size))
     assert writer.stdout is not None
-    committed = [int(writer.stdout.readline()) for _ in range(40)]
+    committed = sorted({int(writer.stdout.readline()) for _ in range(100)})
     os.kill(writer.pid, signal.SIGKILL)
     writer.wait(timeout=10)
     driver = open_driver(loop, node_service.url)
@@ -114,6 +122,31 @@ def test_writer_killed_mid_stores_leaves_committed_values_whole_and_no_room_take
         assert service_stats(loop, driver)["reserved_bytes"] == 0
         loop.run(driver.delete_many(stored), 10)
     finally:
+        loop.run(driver.close(), 10)
+
+
+def test_concurrent_writers_and_a_reader_never_see_a_torn_value(
+    node_service: NodeServer, loop: LoopThread
+) -> None:
+    """Three processes overwrite the same keys while this one reads them."""
+    size = 256 * KiB
+    writers = [worker("write", node_service.url, str(size)) for _ in range(3)]
+    driver = open_driver(loop, node_service.url)
+    try:
+        for writer in writers:
+            assert writer.stdout is not None
+            writer.stdout.readline()
+        keys = [key_of(i) for i in range(WRITTEN_KEYS)]
+        for _ in range(20):
+            for index, value in enumerate(loop.run(driver.get_many(keys), 10)):
+                assert value is None or bytes(value) == value_of(index, size)
+    finally:
+        for writer in writers:
+            os.kill(writer.pid, signal.SIGKILL)
+            writer.wait(timeout=10)
+        wait_for(lambda: service_stats(loop, driver)["sessions"] == 1)
+        assert service_stats(loop, driver)["reserved_bytes"] == 0
+        loop.run(driver.delete_many([key_of(i) for i in range(WRITTEN_KEYS)]), 10)
         loop.run(driver.close(), 10)
 
 
