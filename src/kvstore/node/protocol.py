@@ -29,10 +29,15 @@ class ConnectionClosed(ConnectionError):
     """The other side closed the socket (or died): no more messages will come."""
 
 
+def frame(message: Any) -> bytes:
+    """One message as it goes on the wire: its length, then its msgpack bytes."""
+    body = msgpack.packb(message, use_bin_type=True)
+    return _LENGTH.pack(len(body)) + body
+
+
 async def send_message(sock: socket.socket, message: Any) -> None:
     """Send one message on a non-blocking socket."""
-    body = msgpack.packb(message, use_bin_type=True)
-    await asyncio.get_running_loop().sock_sendall(sock, _LENGTH.pack(len(body)) + body)
+    await asyncio.get_running_loop().sock_sendall(sock, frame(message))
 
 
 async def receive_message(sock: socket.socket) -> Any:

@@ -44,6 +44,7 @@ from kvstore.node.access import listening_socket, peer_allowed, peer_credentials
 from kvstore.node.protocol import (
     ConnectionClosed,
     error_reply,
+    frame,
     receive_message,
     send_message,
 )
@@ -180,8 +181,6 @@ class NodeService:
 
     def _greet(self, conn: socket.socket) -> None:
         """Send the arena's descriptor and geometry, the first message of a session."""
-        import msgpack
-
         fd = self.arena.shared_memory
         assert fd is not None
         hello = {
@@ -191,10 +190,9 @@ class NodeService:
                 "capacity": self.tier.capacity,
             }
         }
-        body = msgpack.packb(hello, use_bin_type=True)
         conn.setblocking(True)
         try:
-            socket.send_fds(conn, [len(body).to_bytes(4, "little") + body], [fd])
+            socket.send_fds(conn, [frame(hello)], [fd])
         finally:
             conn.setblocking(False)
 
