@@ -31,7 +31,7 @@ class ConnectionClosed(ConnectionError):
 
 def frame(message: Any) -> bytes:
     """One message as it goes on the wire: its length, then its msgpack bytes."""
-    body = msgpack.packb(message, use_bin_type=True)
+    body: bytes = msgpack.packb(message, use_bin_type=True)
     return _LENGTH.pack(len(body)) + body
 
 
