@@ -31,9 +31,11 @@ from node_worker import (
     value_of,
 )
 
+from kvstore.config import StoreConfig
 from kvstore.drivers.node.driver import NodeConfig, NodeDriver
 from kvstore.errors import ConfigError, DriverUnavailableError
 from kvstore.node.access import PeerCredentials, listening_socket, peer_allowed
+from kvstore.node.service import NodeService
 from kvstore.store import KVStore
 from kvstore.sync import LoopThread
 
@@ -225,8 +227,34 @@ def test_another_uid_cannot_connect(node_service: NodeServer) -> None:
     assert f"uid {NOBODY}" in message["message"]
 
 
-def _connect_as(uid: int, path: Path) -> tuple[str, str]:
-    """Connect to ``path`` from a child process running as ``uid``; what happened."""
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a client as another uid")
+def test_a_group_member_of_another_uid_is_served(tmp_path: Path, loop: LoopThread) -> None:
+    """``--group``: as uid 65534 with that group it connects and gets the arena;
+    as uid 65534 with another group the 0660 socket refuses it."""
+    socket_dir = Path(tempfile.mkdtemp(prefix="kvstore-node-"))
+    socket_dir.chmod(0o755)
+    path, group = socket_dir / "node.sock", 4242
+    config = StoreConfig.from_urls("cpu://?capacity=1MiB&page_size=64KiB&pin=none&shared=true")
+    service = loop.run(NodeService.open(config, group_gid=group), 30)
+    serving = loop.loop.call_soon_threadsafe
+    task: list[Any] = []
+    serving(lambda: task.append(loop.loop.create_task(service.serve(path))))
+    try:
+        wait_for(path.exists)
+        kind, reply = _connect_as(NOBODY, path, gid=group)
+        assert kind == "reply"
+        assert "ok" in msgpack.unpackb(bytes.fromhex(reply)[4:])
+        assert _connect_as(NOBODY, path) == ("error", "EACCES")
+    finally:
+        serving(task[0].cancel)
+        wait_for(lambda: task[0].done())
+        loop.run(service.close(), 30)
+        shutil.rmtree(socket_dir, ignore_errors=True)
+
+
+def _connect_as(uid: int, path: Path, *, gid: int | None = None) -> tuple[str, str]:
+    """Connect to ``path`` from a child process running as ``uid`` (and ``gid``,
+    else the same number); what happened."""
     import errno
     import socket
 
@@ -235,7 +263,8 @@ def _connect_as(uid: int, path: Path) -> tuple[str, str]:
     if child == 0:
         try:
             os.close(read_end)
-            os.setgid(uid)
+            os.setgroups([])
+            os.setgid(uid if gid is None else gid)
             os.setuid(uid)
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sock.settimeout(5)
