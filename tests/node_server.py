@@ -30,16 +30,18 @@ class NodeServer:
         socket: Path | None = None,
         first_tier: str = "",
         lower_tiers: str = "",
+        settings: str = "",
     ) -> None:
         """``first_tier``: more YAML keys of the arena's tier (indented under it);
-        ``lower_tiers``: YAML list items of the tiers below it."""
+        ``lower_tiers``: YAML list items of the tiers below it; ``settings``: more
+        top-level YAML of the store config."""
         self.directory = directory
         self.socket = socket or directory / "node.sock"
         self.config = directory / "node.yaml"
         self.config.write_text(
             "tiers:\n"
             f"  - url: cpu://?capacity={capacity}&page_size={page_size}&pin=none&shared=true\n"
-            f"{first_tier}{lower_tiers}"
+            f"{first_tier}{lower_tiers}{settings}"
         )
         self.log = directory / "node.log"
         self.process: subprocess.Popen[bytes] | None = None

@@ -366,3 +366,31 @@ def test_the_services_lower_tiers_take_evicted_chunks_and_give_them_back(tmp_pat
     finally:
         loop.stop()
         server.stop()
+
+
+@pytest.mark.slow
+def test_the_service_serves_the_control_api_of_its_store(tmp_path: Path) -> None:
+    """With ``control.enabled`` the service also serves the HTTP control API of
+    its store: health, stats and metrics of the host's tiers."""
+    import json
+    import re
+    import urllib.request
+
+    server = NodeServer(tmp_path, settings="control:\n  enabled: true\n  port: 0\n")
+    server.start()
+    loop = LoopThread()
+    try:
+        wait_for(lambda: "control server listening" in server.log.read_text())
+        url = re.search(r"listening on (\S+)", server.log.read_text())
+        assert url is not None
+        client = open_driver(loop, server.url)
+        loop.run(client.put_many([(b"k", b"v" * 1000)]), 10)
+        loop.run(client.close(), 10)
+        with urllib.request.urlopen(f"{url.group(1)}/v1/health", timeout=10) as reply:
+            health = json.loads(reply.read())
+        assert health["tiers"][0]["reachable"] is True
+        with urllib.request.urlopen(f"{url.group(1)}/metrics", timeout=10) as reply:
+            assert b"kvstore_" in reply.read()
+    finally:
+        loop.stop()
+        server.stop()
