@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import mmap
 import pickle
 import random
 import resource
@@ -457,3 +458,49 @@ async def test_close_releases_the_arena() -> None:
     with pytest.raises(DriverClosedError):
         await driver.get_many([b"k"])
     await driver.close()
+
+
+async def test_shared_arena_is_one_memory_with_another_mapping() -> None:
+    """``shared=true``: a second mapping of the memfd sees what the driver stores,
+    and room written through it is a value once committed, not before."""
+    opened = await CpuDriver.open(
+        CpuConfig(capacity=4 * MiB, page_size=64 * KiB, pin="none", shared=True)
+    )
+    try:
+        fd = opened.shared_memory
+        assert fd is not None
+        assert opened.capabilities.detail("memory") == "shared memfd"
+        view = mmap.mmap(fd, 4 * MiB, flags=mmap.MAP_SHARED)
+        await opened.put_many([(b"a", pattern(7, 100 * KiB))])
+        (entry,) = opened.lend([b"a"])
+        assert entry is not None
+        seen = b"".join(view[offset : offset + length] for offset, length in entry.segments)
+        assert seen == pattern(7, 100 * KiB)
+        opened.end_loan([entry])
+
+        (room,) = opened.reserve_room([(b"b", 70 * KiB)])
+        for offset, length in room.segments:
+            view[offset : offset + length] = pattern(9, length)
+        assert await opened.contains_many([b"b"]) == [False]
+        opened.commit_room([b"b"], [room])
+        assert bytes((await opened.get_many([b"b"]))[0] or b"") == pattern(9, 70 * KiB)
+
+        free = opened.free_bytes
+        (aborted,) = opened.reserve_room([(b"c", 64 * KiB)])
+        assert opened.free_bytes == free - 64 * KiB
+        opened.abort_room([aborted])
+        assert opened.free_bytes == free
+        view.close()
+    finally:
+        await opened.close()
+
+
+async def test_a_lent_entry_outlives_delete_and_overwrite(driver: CpuDriver) -> None:
+    await driver.put_many([(b"k", pattern(1, 128 * KiB))])
+    free = driver.free_bytes
+    (entry,) = driver.lend([b"k"])
+    await driver.delete_many([b"k"])
+    await driver.put_many([(b"k", pattern(2, 128 * KiB))])
+    assert driver.free_bytes == free - 128 * KiB
+    driver.end_loan([entry])
+    assert driver.free_bytes == free

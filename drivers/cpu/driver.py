@@ -60,6 +60,9 @@ class CpuConfig(DriverConfig):
         ``cuda``, ``mlock`` or ``none``.
     page_size: the allocation unit; every value occupies whole pages.
     copy_threads: worker threads for large copies (at most the CPU count is used).
+    shared: back the arena with a memfd mapped shared, so another process given
+        its descriptor (``CpuDriver.shared_memory``) maps the same pages; the
+        node service (docs/node.md) lends its arena to clients this way.
     """
 
     scheme: ClassVar[str] = "cpu"
@@ -68,6 +71,7 @@ class CpuConfig(DriverConfig):
     pin: Literal["auto", "cuda", "mlock", "none"] = "auto"
     page_size: ByteSize = 256 << 10
     copy_threads: int = Field(default=4, ge=1, le=64)
+    shared: bool = False
 
     @model_validator(mode="after")
     def _whole_pages(self) -> Self:
@@ -81,8 +85,9 @@ class CpuConfig(DriverConfig):
 
 
 @dataclass(eq=False)
-class _Entry:
-    """A value in the arena: its size, its pages, and who is still reading it."""
+class ArenaEntry:
+    """A value in the arena: its size, its pages (``segments``: the arena offset and
+    length of each run), and who is still reading it."""
 
     size: int
     pages: list[int]
@@ -104,7 +109,7 @@ class CpuDriver(Driver[CpuConfig]):
         self._memory = memory
         self._page_size = config.page_size
         self._pages = PageAllocator(config.capacity // config.page_size)
-        self._entries: dict[bytes, _Entry] = {}
+        self._entries: dict[bytes, ArenaEntry] = {}
         self._stored_bytes = 0
         self._lock = threading.Lock()
         self._workers = min(config.copy_threads, os.cpu_count() or 1)
@@ -126,6 +131,7 @@ class CpuDriver(Driver[CpuConfig]):
                 ("pinning", memory.pinning),
                 ("page_size", format_size(config.page_size)),
                 ("copy_threads", str(self._workers)),
+                *((("memory", "shared memfd"),) if config.shared else ()),
             ),
         )
 
@@ -133,7 +139,7 @@ class CpuDriver(Driver[CpuConfig]):
     async def open(cls, config: CpuConfig) -> Self:
         """Map and pin the arena (off the event loop: pinning touches every page)."""
         memory = await asyncio.to_thread(
-            HostMemory.allocate, config.capacity, config.pin, config.scheme
+            HostMemory.allocate, config.capacity, config.pin, config.scheme, shared=config.shared
         )
         return cls(config, memory)
 
@@ -152,9 +158,41 @@ class CpuDriver(Driver[CpuConfig]):
         with self._lock:
             return self._pages.free_count * self._page_size
 
+    @property
+    def shared_memory(self) -> int | None:
+        """The memfd of a ``shared`` arena (``None`` otherwise); mapping it gives
+        another process the arena, offsets as in ``ArenaEntry.segments``."""
+        return self._memory.fd
+
+    def reserve_room(self, items: Sequence[tuple[bytes, int]]) -> list[ArenaEntry]:
+        """Pages for values of the given sizes, to be written in place (through the
+        shared mapping) and then published with ``commit_room`` or freed with
+        ``abort_room``; unseen by readers until committed. CapacityError when the
+        batch does not fit."""
+        self._check_open()
+        return self._reserve(items)
+
+    def commit_room(self, keys: Sequence[bytes], entries: Sequence[ArenaEntry]) -> None:
+        """Publish reserved room, written in full, as the values of ``keys``."""
+        self._publish(list(keys), list(entries))
+
+    def abort_room(self, entries: Sequence[ArenaEntry]) -> None:
+        """Free reserved room that will not be committed."""
+        self._discard(list(entries))
+
+    def lend(self, keys: Sequence[bytes]) -> list[ArenaEntry | None]:
+        """The entries of ``keys`` (``None`` where absent), kept intact, whatever is
+        overwritten or deleted meanwhile, until ``end_loan``."""
+        self._check_open()
+        return self._pin(list(keys))
+
+    def end_loan(self, entries: Sequence[ArenaEntry | None]) -> None:
+        """End a loan from ``lend``; pages retired meanwhile are freed now."""
+        self._unpin(list(entries))
+
     async def _put_many(self, items: list[tuple[bytes, memoryview]]) -> None:
         with self._call():
-            entries = self._reserve(items)
+            entries = self._reserve([(key, len(view)) for key, view in items])
             try:
                 pairs: list[CopyPair] = []
                 for (_, view), entry in zip(items, entries, strict=True):
@@ -242,24 +280,25 @@ class CpuDriver(Driver[CpuConfig]):
             if not self._active_calls:
                 self._idle.set()
 
-    def _reserve(self, items: Sequence[tuple[bytes, memoryview]]) -> list[_Entry]:
-        """Allocate pages for every value of a batch, or raise CapacityError for all of it."""
+    def _reserve(self, items: Sequence[tuple[bytes, int]]) -> list[ArenaEntry]:
+        """Allocate pages for every value of a batch (key, size), or raise
+        CapacityError for all of it."""
         capacity = self.config.capacity
-        largest = max(len(view) for _, view in items)
+        largest = max(size for _, size in items)
         if largest > capacity:
             raise CapacityError(
                 f"a value of {largest} bytes is larger than the capacity of {capacity} bytes",
                 driver=self.name,
             )
-        counts = [pages_for(len(view), self._page_size) for _, view in items]
+        counts = [pages_for(size, self._page_size) for _, size in items]
         with self._lock:
             if sum(counts) > self._pages.free_count:
                 self._make_room([key for key, _ in items], sum(counts))
-            entries: list[_Entry] = []
-            for (_, view), count in zip(items, counts, strict=True):
+            entries: list[ArenaEntry] = []
+            for (_, size), count in zip(items, counts, strict=True):
                 pages = self._pages.allocate(count)
-                segments = page_segments(pages, self._page_size, len(view))
-                entries.append(_Entry(len(view), pages, segments))
+                segments = page_segments(pages, self._page_size, size)
+                entries.append(ArenaEntry(size, pages, segments))
         return entries
 
     def _make_room(self, keys: list[bytes], needed: int) -> None:
@@ -283,7 +322,7 @@ class CpuDriver(Driver[CpuConfig]):
             self._stored_bytes -= entry.size
             self._retire(entry)
 
-    def _publish(self, keys: list[bytes], entries: list[_Entry]) -> None:
+    def _publish(self, keys: list[bytes], entries: list[ArenaEntry]) -> None:
         with self._lock:
             for key, entry in zip(keys, entries, strict=True):
                 old = self._entries.get(key)
@@ -293,12 +332,12 @@ class CpuDriver(Driver[CpuConfig]):
                     self._stored_bytes -= old.size
                     self._retire(old)
 
-    def _discard(self, entries: list[_Entry]) -> None:
+    def _discard(self, entries: list[ArenaEntry]) -> None:
         with self._lock:
             for entry in entries:
                 self._pages.release(entry.pages)
 
-    def _pin(self, keys: list[bytes], *, one_run: bool = False) -> list[_Entry | None]:
+    def _pin(self, keys: list[bytes], *, one_run: bool = False) -> list[ArenaEntry | None]:
         """The entries of ``keys``, pinned so their pages outlive an overwrite or
         delete; ``None`` where absent or, with ``one_run``, held in several runs."""
         with self._lock:
@@ -313,7 +352,7 @@ class CpuDriver(Driver[CpuConfig]):
                     entry.readers += 1
         return entries
 
-    def _unpin(self, entries: list[_Entry | None]) -> None:
+    def _unpin(self, entries: list[ArenaEntry | None]) -> None:
         with self._lock:
             for entry in entries:
                 if entry is not None:
@@ -321,13 +360,13 @@ class CpuDriver(Driver[CpuConfig]):
                     if entry.retired and not entry.readers:
                         self._pages.release(entry.pages)
 
-    def _retire(self, entry: _Entry) -> None:
+    def _retire(self, entry: ArenaEntry) -> None:
         """Mark an unpublished entry's pages for reuse once no reader holds them."""
         entry.retired = True
         if not entry.readers:
             self._pages.release(entry.pages)
 
-    def _pairs(self, entry: _Entry, value: ByteArray, *, to_arena: bool) -> list[CopyPair]:
+    def _pairs(self, entry: ArenaEntry, value: ByteArray, *, to_arena: bool) -> list[CopyPair]:
         """The copies between ``value`` and the arena runs that hold it."""
         arena = self._memory.array
         pairs: list[CopyPair] = []
@@ -392,7 +431,7 @@ class _Loan:
     def __init__(self, driver: CpuDriver, keys: list[bytes]) -> None:
         self._driver = driver
         self._keys = keys
-        self._entries: list[_Entry | None] = []
+        self._entries: list[ArenaEntry | None] = []
         self._call = driver._call()
 
     async def __aenter__(self) -> list[memoryview | None]:

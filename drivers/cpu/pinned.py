@@ -1,5 +1,9 @@
 """Host memory for the cpu driver's arena: one anonymous mapping, page-locked.
 
+A shared arena is a memfd mapped ``MAP_SHARED`` instead: its file descriptor
+(``HostMemory.fd``) can be handed to other processes (over a Unix socket),
+which map the same pages; the node service lends its arena this way.
+
 Page-locked (pinned) memory cannot be swapped out, and CUDA copies between it
 and a GPU run by DMA at full bus speed. With a CUDA device the mapping is
 registered with the CUDA driver (``cudaHostRegister``, the call behind torch's
@@ -33,7 +37,8 @@ logger = logging.getLogger(__name__)
 
 
 class HostMemory:
-    """An anonymous private mapping of ``size`` bytes, seen as a uint8 array.
+    """A mapping of ``size`` bytes, seen as a uint8 array: anonymous and private,
+    or, when shared, of a memfd whose descriptor is ``fd``.
 
     ``pinning`` is what is in effect: ``cuda``, ``mlock``, ``none`` (asked
     for), or ``none: <why pinning failed>``.
@@ -44,23 +49,34 @@ class HostMemory:
         self.array: npt.NDArray[np.uint8] = np.frombuffer(mapping, dtype=np.uint8)
         self.pinning = pinning
         self._unpin = unpin
+        self.fd: int | None = None
 
     @classmethod
-    def allocate(cls, size: int, pin: PinMethod, driver: str) -> HostMemory:
-        """Map ``size`` bytes and pin them by ``pin``.
+    def allocate(
+        cls, size: int, pin: PinMethod, driver: str, *, shared: bool = False
+    ) -> HostMemory:
+        """Map ``size`` bytes (``shared``: of a new memfd) and pin them by ``pin``.
 
         ``auto`` tries CUDA registration where a CUDA device exists, then mlock,
         then settles for pageable memory and logs a warning; an explicitly
         requested method that fails raises DriverUnavailableError.
         """
-        mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        fd = _shared_file(size, driver) if shared else None
+        if fd is None:
+            mapping = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        else:
+            mapping = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
         _advise_huge_pages(mapping)
         address = int(np.frombuffer(mapping, dtype=np.uint8).ctypes.data)
         try:
-            return cls._pin(mapping, address, size, pin, driver)
+            memory = cls._pin(mapping, address, size, pin, driver)
         except BaseException:
             mapping.close()
+            if fd is not None:
+                os.close(fd)
             raise
+        memory.fd = fd
+        return memory
 
     @classmethod
     def _pin(
@@ -105,10 +121,31 @@ class HostMemory:
             self._unpin()
             self._unpin = None
         self.array = np.empty(0, dtype=np.uint8)
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
         try:
             self._mapping.close()
         except BufferError:
             logger.debug("arena views are still alive; the mapping goes with the last of them")
+
+
+def _shared_file(size: int, driver: str) -> int:
+    """A memfd of ``size`` bytes, not inherited across exec."""
+    try:
+        fd = os.memfd_create("kvstore-cpu-arena", os.MFD_CLOEXEC)
+    except (AttributeError, OSError) as exc:
+        raise DriverUnavailableError(
+            f"shared=true needs memfd_create: {exc}", driver=driver
+        ) from exc
+    try:
+        os.ftruncate(fd, size)
+    except OSError as exc:
+        os.close(fd)
+        raise DriverUnavailableError(
+            f"shared=true: sizing the arena failed: {exc}", driver=driver
+        ) from exc
+    return fd
 
 
 def _advise_huge_pages(mapping: mmap.mmap) -> None:

@@ -132,6 +132,18 @@ def _bench_arguments(parser: argparse.ArgumentParser) -> None:
     codecs.set_defaults(func=_cmd_bench_codecs)
 
 
+def _cmd_node(args: argparse.Namespace) -> int:
+    from kvstore.node.command import run_node
+
+    return run_node(args)
+
+
+def _node_arguments(parser: argparse.ArgumentParser) -> None:
+    from kvstore.node.command import add_node_arguments
+
+    add_node_arguments(parser)
+
+
 def _demo_arguments(parser: argparse.ArgumentParser) -> None:
     from kvstore.demo import add_demo_arguments
 
@@ -186,6 +198,11 @@ _COMMANDS: dict[
         _cmd_ctl,
     ),
     "serve": ("open a store and serve its HTTP control API", _serve_arguments, _cmd_serve),
+    "node": (
+        "run the node service: one store serving every process on this host (docs/node.md)",
+        _node_arguments,
+        _cmd_node,
+    ),
 }
 
 
