@@ -42,7 +42,7 @@ def namespace() -> Namespace:
 def store_config(url: str) -> StoreConfig:
     from kvstore.config import StoreConfig
 
-    return StoreConfig.from_urls({"url": url, "capacity": "32MiB"}, chunk_tokens=CHUNK_TOKENS)
+    return StoreConfig.from_urls(url, chunk_tokens=CHUNK_TOKENS)
 
 
 def prompt(seed: int, chunks: int = 8) -> tuple[torch.Tensor, torch.Tensor]:

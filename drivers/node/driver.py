@@ -149,7 +149,12 @@ class NodeDriver(Driver[NodeConfig]):
 
     config_type: ClassVar[type[DriverConfig]] = NodeConfig
     static_capabilities: ClassVar[Capabilities] = Capabilities(
-        persistent=False, listable=True, zero_copy=True, lends_views=True, shared=True
+        persistent=False,
+        listable=True,
+        zero_copy=True,
+        lends_views=True,
+        shared=True,
+        evicts_itself=True,
     )
 
     def __init__(self, config: NodeConfig, connection: _Connection) -> None:
@@ -164,6 +169,7 @@ class NodeDriver(Driver[NodeConfig]):
             shared=True,
             max_value_bytes=connection.capacity,
             capacity_bytes=None,
+            evicts_itself=True,
             details=(
                 ("socket", str(config.socket_path)),
                 ("service_capacity", format_size(connection.capacity)),

@@ -47,6 +47,9 @@ class Capabilities:
     capacity_bytes: a hard limit on the bytes values occupy (their ``footprint``);
         a put past it raises ``CapacityError`` (``None``: bounded only by the
         backing service).
+    evicts_itself: the backing service makes room on its own when it is full
+        (the node service evicts its least recently used values), so a store
+        needs no ``max_bytes`` for the tier and never evicts from it.
     details: driver-specific facts for people, e.g. how memory is pinned.
     """
 
@@ -57,13 +60,21 @@ class Capabilities:
     shared: bool = False
     max_value_bytes: int | None = None
     capacity_bytes: int | None = None
+    evicts_itself: bool = False
     details: tuple[tuple[str, str], ...] = field(default=())
 
     def summary(self) -> list[str]:
         """Short labels for people: the true flags and the limits."""
         labels = [
             name
-            for name in ("persistent", "listable", "zero_copy", "lends_views", "shared")
+            for name in (
+                "persistent",
+                "listable",
+                "zero_copy",
+                "lends_views",
+                "shared",
+                "evicts_itself",
+            )
             if getattr(self, name)
         ]
         if self.max_value_bytes is not None:

@@ -19,6 +19,7 @@ from kvstore.eviction import POLICIES, EvictionPolicy
 from kvstore.metrics import OperationTimings
 from kvstore.offline import OfflineDriver
 from kvstore.results import TierSnapshot, TierStats
+from kvstore.sizes import MAX_SIZE
 
 if TYPE_CHECKING:
     from kvstore.keys import Namespace
@@ -330,9 +331,12 @@ class Tier:
 
 def tier_capacity(config: TierConfig, driver: Driver[Any]) -> int:
     """The capacity a tier of ``config`` over ``driver`` counts against: the configured
-    one, else the driver's own; a KVStoreError if neither or past the driver's."""
+    one, else the driver's own, else no limit for a driver that evicts by itself;
+    a KVStoreError if none of these or past the driver's."""
     caps = driver.capabilities
     capacity = config.max_bytes if config.max_bytes is not None else caps.capacity_bytes
+    if capacity is None and caps.evicts_itself:
+        return MAX_SIZE
     if capacity is None:
         raise KVStoreError(
             f"tier {config.url!r} needs max_bytes: its driver has no hard limit of its own",
