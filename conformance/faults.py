@@ -11,10 +11,12 @@ wrapper; wrap a wrapper to combine faults.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from collections.abc import Set as AbstractSet
+from contextlib import AbstractAsyncContextManager
 from typing import Annotated, Any, ClassVar, Literal, get_args
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, model_validator
@@ -24,7 +26,9 @@ from kvstore.config_url import DriverConfig
 from kvstore.driver import Capabilities, Driver, KeyEntry, Usage, fill_into
 from kvstore.errors import ALL_ERRORS, KVStoreError, TransientError
 
-Operation = Literal["put_many", "get_many", "contains_many", "delete_many", "list", "usage"]
+Operation = Literal[
+    "put_many", "get_many", "lend_many", "contains_many", "delete_many", "list", "usage"
+]
 OPERATIONS: tuple[Operation, ...] = get_args(Operation)
 """Every driver operation a plan can pick (``close`` always works)."""
 
@@ -178,6 +182,23 @@ class FaultyDriver(Driver[FaultyConfig]):
             return values
         targets: Sequence[memoryview | None] = into if into is not None else [None] * len(keys)
         return [self._damage(value, target) for value, target in zip(values, targets)]
+
+    def _lend_many(
+        self, items: list[tuple[bytes, int]]
+    ) -> AbstractAsyncContextManager[list[memoryview | None]]:
+        """The inner driver's room, unless the plan may fault ``put_many``: then
+        nothing is lent, so every write takes ``put_many`` and meets its faults."""
+        if "put_many" in self.plan.targets:
+            return super()._lend_many(items)
+        return self._lend_inner(items)
+
+    @contextlib.asynccontextmanager
+    async def _lend_inner(
+        self, items: list[tuple[bytes, int]]
+    ) -> AsyncIterator[list[memoryview | None]]:
+        await self._inject("lend_many")
+        async with self.inner.lend_many(items) as rooms:
+            yield rooms
 
     async def _contains_many(self, keys: list[bytes]) -> list[bool]:
         await self._inject("contains_many")
