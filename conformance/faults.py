@@ -3,7 +3,7 @@
 ``FaultyDriver.wrap(inner, plan)`` behaves exactly like ``inner`` except on the
 calls its ``FaultPlan`` picks, where it raises a typed error, hangs, or hands
 back corrupted or truncated values. It is a ``Driver`` in its own right (scheme
-``faulty``, capabilities forwarded from ``inner``), so it can be a tier of a
+``faulty``, capabilities forwarded from ``inner`` but for ``in_process``), so it can be a tier of a
 hierarchical store, which must turn every such fault into a miss. One plan per
 wrapper; wrap a wrapper to combine faults.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import random
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
@@ -164,7 +165,9 @@ class FaultyDriver(Driver[FaultyConfig]):
 
     @property
     def capabilities(self) -> Capabilities:
-        return self.inner.capabilities
+        """The inner driver's, less ``in_process``: values read through the wrapper
+        may be damaged on the way, so a store verifies them."""
+        return dataclasses.replace(self.inner.capabilities, in_process=False)
 
     def footprint(self, nbytes: int) -> int:
         return self.inner.footprint(nbytes)

@@ -256,7 +256,7 @@ class ReadPipeline(WritePipeline):
                 layout=self.layout,
                 tokens=self.chunk_tokens,
                 out=out,
-                verify=tier.config.verify,
+                verify=tier.verify,
                 keys=self._keys,
             )
             return True
