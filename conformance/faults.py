@@ -28,7 +28,14 @@ from kvstore.driver import Capabilities, Driver, KeyEntry, Usage, fill_into
 from kvstore.errors import ALL_ERRORS, KVStoreError, TransientError
 
 Operation = Literal[
-    "put_many", "get_many", "lend_many", "contains_many", "delete_many", "list", "usage"
+    "put_many",
+    "get_many",
+    "lend_many",
+    "borrow_many",
+    "contains_many",
+    "delete_many",
+    "list",
+    "usage",
 ]
 OPERATIONS: tuple[Operation, ...] = get_args(Operation)
 """Every driver operation a plan can pick (``close`` always works)."""
@@ -202,6 +209,21 @@ class FaultyDriver(Driver[FaultyConfig]):
         await self._inject("lend_many")
         async with self.inner.lend_many(items) as rooms:
             yield rooms
+
+    def _borrow_many(
+        self, keys: list[bytes]
+    ) -> AbstractAsyncContextManager[list[memoryview | None]]:
+        """The inner driver's loans, unless the plan may fault ``get_many``: then
+        nothing is lent, so every read takes ``get_many`` and meets its faults."""
+        if "get_many" in self.plan.targets:
+            return super()._borrow_many(keys)
+        return self._borrow_inner(keys)
+
+    @contextlib.asynccontextmanager
+    async def _borrow_inner(self, keys: list[bytes]) -> AsyncIterator[list[memoryview | None]]:
+        await self._inject("borrow_many")
+        async with self.inner.borrow_many(keys) as views:
+            yield views
 
     async def _contains_many(self, keys: list[bytes]) -> list[bool]:
         await self._inject("contains_many")
