@@ -44,7 +44,7 @@ def test_a_strided_chunk_is_encoded_and_decoded_in_one_pass() -> None:
     kv = wide[:, :, TOKENS : 2 * TOKENS]
     assert tensor_pieces(kv) is not None, "a token slice is copied slab by slab"
     data = encode_chunk(KEY, kv)
-    header = read_header(data)
+    header = read_header(memoryview(data))
     assert header.block_digest
     assert header.digest == spec_digest(bytes(data[header.header_len :]))
     out_wide = torch.zeros_like(wide)
@@ -68,13 +68,13 @@ def test_chunks_with_a_whole_payload_digest_still_read() -> None:
     """A chunk written before block digests (flag bit 1 clear) verifies by the old rule."""
     kv = torch.randn(LAYOUT.shape(TOKENS)).half()
     data = bytearray(encode_chunk(KEY, kv))
-    header = read_header(data)
+    header = read_header(memoryview(data))
     (flags,) = struct.unpack_from("<I", data, 8)
     struct.pack_into("<I", data, 8, flags & ~FLAG_BLOCK_DIGEST)
     data[32:48] = xxhash.xxh3_128_digest(bytes(data[header.header_len :]))
     size = header.header_len
     data[size - 4 : size] = struct.pack("<I", xxhash.xxh32_intdigest(bytes(data[: size - 4])))
-    assert not read_header(data).block_digest
+    assert not read_header(memoryview(data)).block_digest
     out = torch.zeros_like(kv)
     decode_chunk(bytes(data), key=KEY, layout=LAYOUT, tokens=TOKENS, out=out)
     assert torch.equal(out, kv)

@@ -13,6 +13,7 @@ import torch
 
 from kvstore.config import StoreConfig
 from kvstore.conformance.faults import FaultPlan, FaultyDriver
+from kvstore.drivers.cpu.driver import CpuDriver
 from kvstore.keys import Namespace
 from kvstore.layout import KVLayout
 from kvstore.registry import open_driver
@@ -82,6 +83,7 @@ async def test_strided_and_repeated_stores_read_back_exactly() -> None:
 
 async def test_a_cancelled_loan_frees_its_room_and_was_never_visible() -> None:
     driver = await open_driver("cpu://?capacity=4MiB&page_size=64KiB")
+    assert isinstance(driver, CpuDriver)
     writing = asyncio.Event()
 
     async def writer() -> None:

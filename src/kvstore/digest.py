@@ -51,7 +51,7 @@ def _pool() -> concurrent.futures.ThreadPoolExecutor:
     return concurrent.futures.ThreadPoolExecutor(THREADS, thread_name_prefix="kvstore-digest")
 
 
-def payload_digest(payload: Buffer) -> bytes:
+def payload_digest(payload: Buffer | ByteArray) -> bytes:
     """The payload digest of ``payload``, on several threads when it is big."""
     return copy_with_digest(_as_array(payload), [], "none")
 
@@ -127,7 +127,7 @@ def _blocks(
         high = min(len(payload), low + DIGEST_BLOCK)
         block = payload[low:high]
         if direction == "from_payload" and digest:
-            digests.append(xxhash.xxh3_128_digest(block))
+            digests.append(xxhash.xxh3_128_digest(block.data))
         while direction != "none" and piece < len(pieces) and starts[piece] < high:
             begin = max(low, starts[piece])
             stop = min(high, starts[piece] + len(pieces[piece]))
@@ -140,7 +140,7 @@ def _blocks(
                 break
             piece += 1
         if direction != "from_payload" and digest:
-            digests.append(xxhash.xxh3_128_digest(block))
+            digests.append(xxhash.xxh3_128_digest(block.data))
     return digests
 
 
@@ -163,5 +163,8 @@ def _tensor_bytes(tensor: torch.Tensor) -> ByteArray:
     return array
 
 
-def _as_array(payload: Buffer) -> ByteArray:
-    return np.frombuffer(payload, dtype=np.uint8)
+def _as_array(payload: Buffer | ByteArray) -> ByteArray:
+    if isinstance(payload, np.ndarray):
+        return payload
+    array: ByteArray = np.frombuffer(memoryview(payload), dtype=np.uint8)
+    return array
