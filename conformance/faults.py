@@ -142,6 +142,10 @@ class FaultyDriver(Driver[FaultyConfig]):
     """
 
     config_type = FaultyConfig
+    forwards_loans: ClassVar[bool] = True
+    """Whether ``lend_many`` and ``borrow_many`` reach the inner driver (when the plan
+    spares ``put_many`` and ``get_many``); a subclass that acts on every write and
+    read through those two sets it to ``False``."""
     static_capabilities = Capabilities(
         persistent=False, listable=False, details=(("capabilities", "those of the wrapped driver"),)
     )
@@ -198,7 +202,7 @@ class FaultyDriver(Driver[FaultyConfig]):
     ) -> AbstractAsyncContextManager[list[memoryview | None]]:
         """The inner driver's room, unless the plan may fault ``put_many``: then
         nothing is lent, so every write takes ``put_many`` and meets its faults."""
-        if "put_many" in self.plan.targets:
+        if "put_many" in self.plan.targets or not self.forwards_loans:
             return super()._lend_many(items)
         return self._lend_inner(items)
 
@@ -215,7 +219,7 @@ class FaultyDriver(Driver[FaultyConfig]):
     ) -> AbstractAsyncContextManager[list[memoryview | None]]:
         """The inner driver's loans, unless the plan may fault ``get_many``: then
         nothing is lent, so every read takes ``get_many`` and meets its faults."""
-        if "get_many" in self.plan.targets:
+        if "get_many" in self.plan.targets or not self.forwards_loans:
             return super()._borrow_many(keys)
         return self._borrow_inner(keys)
 
