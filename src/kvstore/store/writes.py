@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import time
 from collections.abc import Sequence
@@ -145,19 +146,22 @@ class WritePipeline(Placement):
         try:
             async with tier.driver.lend_many([(items[i][0], size) for i in fitting]) as rooms:
                 lent = [i for i, room in zip(fitting, rooms) if room is not None]
-                await asyncio.gather(
-                    *(
-                        self._run(
-                            encode_chunk,
-                            chunk_key_of(items[i][0]),
-                            items[i][1],
-                            mla=self.layout.mla,
-                            out=torch.frombuffer(room, dtype=torch.uint8),
-                        )
-                        for i, room in zip(fitting, rooms)
-                        if room is not None
+                encodes = [
+                    self._executor.submit(
+                        encode_chunk,
+                        chunk_key_of(items[i][0]),
+                        items[i][1],
+                        mla=self.layout.mla,
+                        out=torch.frombuffer(room, dtype=torch.uint8),
                     )
-                )
+                    for i, room in zip(fitting, rooms)
+                    if room is not None
+                ]
+                try:
+                    await asyncio.gather(*(asyncio.wrap_future(job) for job in encodes))
+                finally:
+                    # The loan may end (and free its room) only once no thread writes there.
+                    concurrent.futures.wait(encodes)
         except KVStoreError as exc:
             tier.note_error("lend_many", exc)
             if isinstance(exc, CapacityError):
