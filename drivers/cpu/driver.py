@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import os
 import threading
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -122,14 +123,8 @@ class CpuDriver(Driver[CpuConfig]):
         self._active_calls = 0
         self._idle = asyncio.Event()
         self._idle.set()
-        self._capabilities = Capabilities(
-            persistent=False,
-            listable=True,
-            zero_copy=True,
-            lends_views=True,
-            lends_room=True,
-            in_process=True,
-            shared=False,
+        self._capabilities = dataclasses.replace(
+            self.static_capabilities,
             max_value_bytes=config.capacity,
             capacity_bytes=config.capacity,
             details=(

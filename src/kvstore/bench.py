@@ -459,26 +459,12 @@ def measure(
             baseline = CopyBaseline(workload)
         else:
             baseline = _direct_io_baseline(store, baseline_dir, workload)
-        stored, retrieved = (
-            Row(
-                tier=label,
-                layout=workload.name,
-                op=op,
-                verify=verify,
-                chunks=workload.chunks,
-                chunk_bytes=workload.chunk_bytes,
-                baseline=baseline.description,
-            )
-            for op in ("store", "retrieve")
-        )
+        rows = _rows(label, workload, verify, baseline.description)
         for repeat in range(settings.warmup + settings.repeat):
             times = _one_repeat(store, baseline, workload, check=repeat == 0)
             if repeat >= settings.warmup:
-                stored.baseline_s.append(times.baseline_write)
-                stored.kvstore_s.append(times.store)
-                retrieved.baseline_s.append(times.baseline_read)
-                retrieved.kvstore_s.append(times.retrieve)
-        return stored, retrieved
+                _record(rows, times)
+        return rows
     finally:
         if baseline is not None:
             baseline.close()
@@ -495,18 +481,7 @@ def measure_lmcache(workload: Workload, settings: Settings) -> tuple[Row, Row]:
     ct = CHUNK_TOKENS
     chunks = [workload.kv[:, :, i * ct : (i + 1) * ct] for i in range(workload.chunks)]
     outs = [workload.out[:, :, i * ct : (i + 1) * ct] for i in range(workload.chunks)]
-    stored, retrieved = (
-        Row(
-            tier=bench_lmcache.NAME,
-            layout=workload.name,
-            op=op,
-            verify=False,
-            chunks=workload.chunks,
-            chunk_bytes=workload.chunk_bytes,
-            baseline=baseline.description,
-        )
-        for op in ("store", "retrieve")
-    )
+    rows = _rows(bench_lmcache.NAME, workload, False, baseline.description)
     try:
         for repeat in range(settings.warmup + settings.repeat):
             workload.out.zero_()
@@ -517,13 +492,10 @@ def measure_lmcache(workload: Workload, settings: Settings) -> tuple[Row, Row]:
                 raise KVStoreError("LMCache returned different KV than was stored")
             backend.clear()
             if repeat >= settings.warmup:
-                stored.baseline_s.append(times.baseline_write)
-                stored.kvstore_s.append(times.store)
-                retrieved.baseline_s.append(times.baseline_read)
-                retrieved.kvstore_s.append(times.retrieve)
+                _record(rows, times)
     finally:
         backend.close()
-    return stored, retrieved
+    return rows
 
 
 class RepeatTimes(NamedTuple):
@@ -533,6 +505,32 @@ class RepeatTimes(NamedTuple):
     store: float
     baseline_read: float
     retrieve: float
+
+
+def _rows(tier: str, workload: Workload, verify: bool, baseline: str) -> tuple[Row, Row]:
+    """The store and retrieve rows of one measured cell, with no times yet."""
+    stored, retrieved = (
+        Row(
+            tier=tier,
+            layout=workload.name,
+            op=op,
+            verify=verify,
+            chunks=workload.chunks,
+            chunk_bytes=workload.chunk_bytes,
+            baseline=baseline,
+        )
+        for op in ("store", "retrieve")
+    )
+    return stored, retrieved
+
+
+def _record(rows: tuple[Row, Row], times: RepeatTimes) -> None:
+    """Add one timed repeat to the store and retrieve rows."""
+    stored, retrieved = rows
+    stored.baseline_s.append(times.baseline_write)
+    stored.kvstore_s.append(times.store)
+    retrieved.baseline_s.append(times.baseline_read)
+    retrieved.kvstore_s.append(times.retrieve)
 
 
 def _one_repeat(
