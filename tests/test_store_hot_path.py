@@ -191,3 +191,25 @@ async def test_verification_defaults_per_tier(
         assert faulty.tiers[0].verify, "a wrapper that may damage values is verified"
     finally:
         await faulty.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("codecs", ["raw", "int8"])
+async def test_device_kv_crosses_to_the_host_once(codecs: str) -> None:
+    """Device KV goes straight into lent pinned room (raw) or is quantized on the
+    device first (int8), with no pageable host copy in between."""
+    namespace = Namespace("hot-path-gpu", "rev", LAYOUT, chunk_tokens=CHUNK, codec=codecs)
+    tier = {"url": "cpu://?capacity=16MiB", "codecs": codecs}
+    store = await AsyncKVStore.open(config(tier), namespace)
+    try:
+        ids, kv = prompt(6, 3 * CHUNK)
+        assert (await store.store(ids, kv.cuda())).written == 3
+        out = torch.empty(LAYOUT.shape(3 * CHUNK), dtype=LAYOUT.torch_dtype, device="cuda")
+        loaded = await store.retrieve(ids, out=out)
+        assert loaded.kv is not None and loaded.tokens == 3 * CHUNK
+        if codecs == "raw":
+            assert torch.equal(loaded.kv.cpu(), kv)
+        else:
+            assert torch.allclose(loaded.kv.cpu().float(), kv.float(), atol=0.05, rtol=0.02)
+    finally:
+        await store.close()
