@@ -10,31 +10,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_store import CHUNK, LAYOUT, config, prompt
 
-from kvstore.config import StoreConfig
 from kvstore.conformance.faults import FaultPlan, FaultyDriver
 from kvstore.drivers.cpu.driver import CpuDriver
 from kvstore.keys import Namespace
-from kvstore.layout import KVLayout
 from kvstore.registry import open_driver
 from kvstore.store import AsyncKVStore
 
-LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=32)
-CHUNK = 16
 NAMESPACE = Namespace("hot-path-model", "rev", LAYOUT, chunk_tokens=CHUNK)
 COUNT_ONLY = FaultPlan(action="error", operations=frozenset({"usage"}), probability=0.0)
 """A plan that faults nothing: the wrapper only counts the calls it forwards."""
-
-
-def prompt(seed: int, tokens: int) -> tuple[list[int], torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, 50_000, (tokens,), generator=generator).tolist()
-    kv = torch.randn(LAYOUT.shape(tokens), generator=generator).to(LAYOUT.torch_dtype)
-    return ids, kv
-
-
-def config(*tiers: object) -> StoreConfig:
-    return StoreConfig.parse({"tiers": list(tiers), "chunk_tokens": CHUNK})
 
 
 async def test_store_encodes_into_lent_room_and_lends_the_bytes_below(tmp_path: Path) -> None:
