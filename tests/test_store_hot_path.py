@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_store import CHUNK, LAYOUT, config, prompt
+from test_store import CHUNK, CHUNK_ROOM, LAYOUT, config, prompt
 
 from kvstore.conformance.faults import FaultPlan, FaultyDriver
 from kvstore.drivers.cpu.driver import CpuDriver
@@ -197,5 +197,27 @@ async def test_device_kv_crosses_to_the_host_once(codecs: str) -> None:
             assert torch.equal(loaded.kv.cpu(), kv)
         else:
             assert torch.allclose(loaded.kv.cpu().float(), kv.float(), atol=0.05, rtol=0.02)
+    finally:
+        await store.close()
+
+
+async def test_chunks_the_first_tier_cannot_hold_still_reach_the_tier_below(
+    tmp_path: Path,
+) -> None:
+    store = await AsyncKVStore.open(
+        config(
+            {"url": "cpu://?capacity=16MiB", "capacity": 2 * CHUNK_ROOM},
+            f"nvme://{tmp_path}/n?capacity=64MiB",
+        ),
+        NAMESPACE,
+    )
+    try:
+        ids, kv = prompt(7, 4 * CHUNK)
+        result = await store.store(ids, kv)
+        await store.flush()
+        assert result.written == 2, "two chunks fit the first tier"
+        assert len(store.tiers[1].index) == 4, "every chunk is written through below"
+        loaded = await store.retrieve(ids)
+        assert loaded.kv is not None and torch.equal(loaded.kv, kv)
     finally:
         await store.close()

@@ -95,14 +95,15 @@ class WritePipeline(Placement):
         for number, batch in enumerate(batches):
             if lending:
                 items = [(keys[i], chunks[i]) for i in batch]
-                lent, rest = await self._write_lent(first, items)
+                lent, rest, dropped = await self._write_lent(first, items)
                 written += len(lent)
-                if lent and self._writes_through(first):
-                    shared = await self._lent_chunks(first, [items[i] for i in lent])
+                if self._writes_through(first):
+                    below = await self._lent_chunks(first, [items[i] for i in lent])
+                    below.extend(await encode([batch[i] for i in dropped]))
                     try:
-                        await self._write_through(shared)
+                        await self._write_through(below)
                     finally:
-                        for chunk in shared:
+                        for chunk in below:
                             chunk.release()
                 if not rest:
                     continue
@@ -126,22 +127,25 @@ class WritePipeline(Placement):
 
     async def _write_lent(
         self, tier: Tier, items: list[tuple[bytes, torch.Tensor]]
-    ) -> tuple[list[int], list[int]]:
+    ) -> tuple[list[int], list[int], list[int]]:
         """Encode chunks straight into room ``tier``'s driver lends (one pass over
         the KV, digest included) and commit them. Returns the positions in
-        ``items`` written, and those to write the usual way (no room lent, or the
-        loan failed); chunks that do not fit are dropped and counted."""
+        ``items`` written, those to write the usual way (no room lent, or the
+        loan failed), and those that do not fit in ``tier`` (dropped and
+        counted: they still go to the tiers below)."""
         size = self._chunk_size
         largest = tier.driver.capabilities.max_value_bytes
         footprint = tier.footprint(size)
         fitting: list[int] = []
+        dropped: list[int] = []
         for i in range(len(items)):
             if (largest is None or size <= largest) and await self._reserve(tier, footprint):
                 fitting.append(i)
             else:
                 tier.stats.dropped_writes += 1
+                dropped.append(i)
         if not fitting:
-            return [], []
+            return [], [], dropped
         start = time.perf_counter()
         try:
             async with tier.driver.lend_many([(items[i][0], size) for i in fitting]) as rooms:
@@ -166,13 +170,13 @@ class WritePipeline(Placement):
             tier.note_error("lend_many", exc)
             if isinstance(exc, CapacityError):
                 tier.note_full()
-            return [], fitting
+            return [], fitting, dropped
         finally:
             tier.reserved -= footprint * len(fitting)
             tier.timings.observe("lend_many", time.perf_counter() - start)
         self._record_written(tier, [(items[i][0], size) for i in lent])
         done = set(lent)
-        return lent, [i for i in fitting if i not in done]
+        return lent, [i for i in fitting if i not in done], dropped
 
     async def _lent_chunks(
         self, tier: Tier, items: list[tuple[bytes, torch.Tensor]]
