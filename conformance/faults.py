@@ -3,7 +3,7 @@
 ``FaultyDriver.wrap(inner, plan)`` behaves exactly like ``inner`` except on the
 calls its ``FaultPlan`` picks, where it raises a typed error, hangs, or hands
 back corrupted or truncated values. It is a ``Driver`` in its own right (scheme
-``faulty``, capabilities forwarded from ``inner``), so it can be a tier of a
+``faulty``, capabilities forwarded from ``inner`` but for ``in_process``), so it can be a tier of a
 hierarchical store, which must turn every such fault into a miss. One plan per
 wrapper; wrap a wrapper to combine faults.
 """
@@ -11,10 +11,13 @@ wrapper; wrap a wrapper to combine faults.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import random
 from collections import Counter
 from collections.abc import AsyncIterator, Sequence
 from collections.abc import Set as AbstractSet
+from contextlib import AbstractAsyncContextManager
 from typing import Annotated, Any, ClassVar, Literal, get_args
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, model_validator
@@ -24,7 +27,16 @@ from kvstore.config_url import DriverConfig
 from kvstore.driver import Capabilities, Driver, KeyEntry, Usage, fill_into
 from kvstore.errors import ALL_ERRORS, KVStoreError, TransientError
 
-Operation = Literal["put_many", "get_many", "contains_many", "delete_many", "list", "usage"]
+Operation = Literal[
+    "put_many",
+    "get_many",
+    "lend_many",
+    "borrow_many",
+    "contains_many",
+    "delete_many",
+    "list",
+    "usage",
+]
 OPERATIONS: tuple[Operation, ...] = get_args(Operation)
 """Every driver operation a plan can pick (``close`` always works)."""
 
@@ -130,6 +142,10 @@ class FaultyDriver(Driver[FaultyConfig]):
     """
 
     config_type = FaultyConfig
+    forwards_loans: ClassVar[bool] = True
+    """Whether ``lend_many`` and ``borrow_many`` reach the inner driver (when the plan
+    spares ``put_many`` and ``get_many``); a subclass that acts on every write and
+    read through those two sets it to ``False``."""
     static_capabilities = Capabilities(
         persistent=False, listable=False, details=(("capabilities", "those of the wrapped driver"),)
     )
@@ -160,7 +176,9 @@ class FaultyDriver(Driver[FaultyConfig]):
 
     @property
     def capabilities(self) -> Capabilities:
-        return self.inner.capabilities
+        """The inner driver's, less ``in_process``: values read through the wrapper
+        may be damaged on the way, so a store verifies them."""
+        return dataclasses.replace(self.inner.capabilities, in_process=False)
 
     def footprint(self, nbytes: int) -> int:
         return self.inner.footprint(nbytes)
@@ -178,6 +196,38 @@ class FaultyDriver(Driver[FaultyConfig]):
             return values
         targets: Sequence[memoryview | None] = into if into is not None else [None] * len(keys)
         return [self._damage(value, target) for value, target in zip(values, targets)]
+
+    def _lend_many(
+        self, items: list[tuple[bytes, int]]
+    ) -> AbstractAsyncContextManager[list[memoryview | None]]:
+        """The inner driver's room, unless the plan may fault ``put_many``: then
+        nothing is lent, so every write takes ``put_many`` and meets its faults."""
+        if "put_many" in self.plan.targets or not self.forwards_loans:
+            return super()._lend_many(items)
+        return self._lend_inner(items)
+
+    @contextlib.asynccontextmanager
+    async def _lend_inner(
+        self, items: list[tuple[bytes, int]]
+    ) -> AsyncIterator[list[memoryview | None]]:
+        await self._inject("lend_many")
+        async with self.inner.lend_many(items) as rooms:
+            yield rooms
+
+    def _borrow_many(
+        self, keys: list[bytes]
+    ) -> AbstractAsyncContextManager[list[memoryview | None]]:
+        """The inner driver's loans, unless the plan may fault ``get_many``: then
+        nothing is lent, so every read takes ``get_many`` and meets its faults."""
+        if "get_many" in self.plan.targets or not self.forwards_loans:
+            return super()._borrow_many(keys)
+        return self._borrow_inner(keys)
+
+    @contextlib.asynccontextmanager
+    async def _borrow_inner(self, keys: list[bytes]) -> AsyncIterator[list[memoryview | None]]:
+        await self._inject("borrow_many")
+        async with self.inner.borrow_many(keys) as views:
+            yield views
 
     async def _contains_many(self, keys: list[bytes]) -> list[bool]:
         await self._inject("contains_many")

@@ -11,6 +11,7 @@ import pytest
 from prerequisites import requires
 from redis_server import RedisServer, redis_available
 
+from kvstore import bench_lmcache
 from kvstore.bench import LAYOUTS
 from kvstore.cli import main
 
@@ -99,3 +100,18 @@ def test_bench_measures_a_remote_tier_against_its_raw_client(tmp_path: Path) -> 
         assert not any(server.client().scan_iter(match="bench*"))
     finally:
         server.stop()
+
+
+def test_compare_lmcache_is_reported_never_required(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    report_path = tmp_path / "bench.json"
+    arguments = ["--tiers", "cpu", "--layout", "qwen2-0.5b", "--compare", "lmcache"]
+    code = main(["bench", *TINY, *arguments, "--json", str(report_path)])
+    assert code == 0
+    tiers = {row["tier"] for row in json.loads(report_path.read_text())["results"]}
+    if bench_lmcache.available():
+        assert tiers == {"cpu", bench_lmcache.NAME}
+    else:
+        assert tiers == {"cpu"}
+        assert "LMCache is not importable" in capsys.readouterr().out

@@ -187,6 +187,8 @@ def test_fault_plan_targets() -> None:
     assert FaultPlan(action="hang").targets == {
         "put_many",
         "get_many",
+        "lend_many",
+        "borrow_many",
         "contains_many",
         "delete_many",
         "list",

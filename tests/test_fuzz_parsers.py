@@ -26,10 +26,11 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kvstore.chunk import decode_chunk, encode_chunk, header_length, payload_digest, read_header
+from kvstore.chunk import decode_chunk, encode_chunk, header_length, read_header
 from kvstore.codecs import codec_stack
 from kvstore.config import StoreConfig, TierConfig
 from kvstore.config_url import DriverConfig, redact_url
+from kvstore.digest import payload_digest
 from kvstore.errors import ConfigError, IntegrityError, InvalidArgumentError, NotFoundError
 from kvstore.layout import KVLayout
 from kvstore.registry import default_registry, parse_url

@@ -486,7 +486,8 @@ def _damage(backend: KVStoreHiCacheStorage, key: str, tiers: list[int]) -> None:
 
 def test_a_corrupt_page_is_a_miss(attach: Attach, local_tiers: list[str]) -> None:
     pool = MHAHostPool("page_first", seed=14)
-    backend = attach(pool, local_tiers)
+    # The cpu arena is in-process memory, not re-verified unless asked: ask, to damage it.
+    backend = attach(pool, [{"url": local_tiers[0], "verify": True}, local_tiers[1]])
     keys = page_hashes("corrupt", 4)
     assert all(backend.batch_set_v1(keys, host_indices([0, 1, 2, 3])))
     backend.store.flush()

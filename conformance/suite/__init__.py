@@ -16,6 +16,7 @@ from .errors import ErrorTests
 from .faults import FaultTests
 from .footprint import FootprintTests
 from .keys import KeyTests
+from .lends import LendTests
 from .loans import LoanTests
 from .persistence import PersistenceTests
 from .processes import ProcessPersistenceTests
@@ -31,6 +32,7 @@ class DriverTests(
     ProcessPersistenceTests,
     PersistenceTests,
     LoanTests,
+    LendTests,
     ConcurrencyTests,
     SustainedTests,
     BatchTests,
@@ -56,6 +58,7 @@ __all__ = [
     "FaultTests",
     "FootprintTests",
     "KeyTests",
+    "LendTests",
     "LoanTests",
     "PersistenceTests",
     "ProcessPersistenceTests",

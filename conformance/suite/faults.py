@@ -40,9 +40,20 @@ def operation_calls(
         async for _ in driver.list():
             pass
 
+    async def borrow_one() -> None:
+        async with driver.borrow_many([key]):
+            pass
+
+    async def lend_one() -> None:
+        async with driver.lend_many([(key, 5)]) as (room,):
+            if room is not None:
+                room[:] = b"value"
+
     return {
         "put_many": lambda: driver.put_many([(key, b"value")]),
         "get_many": lambda: driver.get_many([key]),
+        "lend_many": lend_one,
+        "borrow_many": borrow_one,
         "contains_many": lambda: driver.contains_many([key]),
         "delete_many": lambda: driver.delete_many([key]),
         "list": list_all,

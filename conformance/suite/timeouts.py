@@ -44,7 +44,10 @@ class StallingDriver(FaultyDriver):
     """The driver under test, stalled: while ``stall`` holds, each ``put_many`` and
     ``get_many`` waits until ``resume``, then runs on the driver under test. Like
     a driver whose work runs on a thread it cannot stop, a call cancelled meanwhile
-    still runs to its end before it returns, writing its buffers late."""
+    still runs to its end before it returns, writing its buffers late. It lends
+    nothing, so every write and read of a store over it takes those two calls."""
+
+    forwards_loans = False
 
     def __init__(self, config: Any, inner: Any) -> None:
         super().__init__(config, inner)

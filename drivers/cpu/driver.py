@@ -6,9 +6,11 @@ fragments it. A put reserves pages under the lock, copies outside it and
 publishes under it, so readers see the old value or the new one, never half
 of one. A reader pins the entry while it copies, and a loan the entries it
 lends, so an overwrite or delete frees the pages only when the last reader or
-loan is done. Copies of 1 MiB or more are split across a small thread pool
-(numpy copies release the GIL) so the event loop stays free and a big value
-moves at memcpy speed.
+loan is done. A writer may instead borrow room (``lend_many``: one contiguous
+run of pages per value), encode straight into it and commit, which publishes
+the values as a put does; an aborted loan frees the pages, unseen. Copies of
+1 MiB or more are split across a small thread pool (numpy copies release the
+GIL) so the event loop stays free and a big value moves at memcpy speed.
 
 One driver serves one event loop; its copies run on its worker threads.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import os
 import threading
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -101,7 +104,13 @@ class CpuDriver(Driver[CpuConfig]):
 
     config_type: ClassVar[type[DriverConfig]] = CpuConfig
     static_capabilities: ClassVar[Capabilities] = Capabilities(
-        persistent=False, listable=True, zero_copy=True, lends_views=True, shared=False
+        persistent=False,
+        listable=True,
+        zero_copy=True,
+        lends_views=True,
+        lends_room=True,
+        in_process=True,
+        shared=False,
     )
 
     def __init__(self, config: CpuConfig, memory: HostMemory) -> None:
@@ -119,14 +128,13 @@ class CpuDriver(Driver[CpuConfig]):
         self._active_calls = 0
         self._idle = asyncio.Event()
         self._idle.set()
-        self._capabilities = Capabilities(
-            persistent=False,
-            listable=True,
-            zero_copy=True,
-            lends_views=True,
-            shared=False,
+        self._capabilities = dataclasses.replace(
+            self.static_capabilities,
             max_value_bytes=config.capacity,
             capacity_bytes=config.capacity,
+            # Other processes write a shared arena: what it holds crossed a
+            # process boundary, so reads of it stay verified.
+            in_process=not config.shared,
             details=(
                 ("pinning", memory.pinning),
                 ("page_size", format_size(config.page_size)),
@@ -235,6 +243,11 @@ class CpuDriver(Driver[CpuConfig]):
     ) -> AbstractAsyncContextManager[list[memoryview | None]]:
         return _Loan(self, keys)
 
+    def _lend_many(
+        self, items: list[tuple[bytes, int]]
+    ) -> AbstractAsyncContextManager[list[memoryview | None]]:
+        return _Room(self, items)
+
     async def _contains_many(self, keys: list[bytes]) -> list[bool]:
         with self._lock:
             return [key in self._entries for key in keys]
@@ -281,8 +294,17 @@ class CpuDriver(Driver[CpuConfig]):
                 self._idle.set()
 
     def _reserve(self, items: Sequence[tuple[bytes, int]]) -> list[ArenaEntry]:
-        """Allocate pages for every value of a batch (key, size), or raise
-        CapacityError for all of it."""
+        """Allocate pages for every value of a batch, or raise CapacityError for all of it."""
+        entries = self._reserve_runs(items, one_run=False)
+        return [entry for entry in entries if entry is not None]
+
+    def _reserve_runs(
+        self, items: Sequence[tuple[bytes, int]], *, one_run: bool
+    ) -> list[ArenaEntry | None]:
+        """``_reserve``; with ``one_run``, each value in one contiguous run of pages,
+        ``None`` for a value no free run can hold."""
+        if not items:
+            return []
         capacity = self.config.capacity
         largest = max(size for _, size in items)
         if largest > capacity:
@@ -294,11 +316,13 @@ class CpuDriver(Driver[CpuConfig]):
         with self._lock:
             if sum(counts) > self._pages.free_count:
                 self._make_room([key for key, _ in items], sum(counts))
-            entries: list[ArenaEntry] = []
+            entries: list[ArenaEntry | None] = []
             for (_, size), count in zip(items, counts, strict=True):
-                pages = self._pages.allocate(count)
-                segments = page_segments(pages, self._page_size, size)
-                entries.append(ArenaEntry(size, pages, segments))
+                pages = self._pages.allocate_run(count) if one_run else self._pages.allocate(count)
+                if pages is None:
+                    entries.append(None)
+                    continue
+                entries.append(ArenaEntry(size, pages, page_segments(pages, self._page_size, size)))
         return entries
 
     def _make_room(self, keys: list[bytes], needed: int) -> None:
@@ -332,10 +356,11 @@ class CpuDriver(Driver[CpuConfig]):
                     self._stored_bytes -= old.size
                     self._retire(old)
 
-    def _discard(self, entries: list[ArenaEntry]) -> None:
+    def _discard(self, entries: Sequence[ArenaEntry | None]) -> None:
         with self._lock:
             for entry in entries:
-                self._pages.release(entry.pages)
+                if entry is not None:
+                    self._pages.release(entry.pages)
 
     def _pin(self, keys: list[bytes], *, one_run: bool = False) -> list[ArenaEntry | None]:
         """The entries of ``keys``, pinned so their pages outlive an overwrite or
@@ -450,3 +475,43 @@ class _Loan:
     async def __aexit__(self, *exc: object) -> None:
         self._driver._unpin(self._entries)
         self._call.__exit__(None, None, None)
+
+
+class _Room:
+    """Writable room for new values, one contiguous run of pages each, for one
+    ``async with``: published together when the block exits normally, freed
+    unseen when it exits by an exception."""
+
+    def __init__(self, driver: CpuDriver, items: list[tuple[bytes, int]]) -> None:
+        self._driver = driver
+        self._items = items
+        self._entries: list[ArenaEntry | None] = []
+        self._call = driver._call()
+
+    async def __aenter__(self) -> list[memoryview | None]:
+        self._call.__enter__()
+        try:
+            self._entries = self._driver._reserve_runs(self._items, one_run=True)
+        except BaseException:
+            self._call.__exit__(None, None, None)
+            raise
+        arena = self._driver._memory.array
+        rooms: list[memoryview | None] = []
+        for entry in self._entries:
+            offset = entry.segments[0][0] if entry is not None and entry.segments else 0
+            rooms.append(None if entry is None else arena[offset : offset + entry.size].data)
+        return rooms
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        try:
+            if exc_type is None:
+                lent = [
+                    (key, entry)
+                    for (key, _), entry in zip(self._items, self._entries, strict=True)
+                    if entry is not None
+                ]
+                self._driver._publish([key for key, _ in lent], [entry for _, entry in lent])
+            else:
+                self._driver._discard(self._entries)
+        finally:
+            self._call.__exit__(None, None, None)

@@ -35,6 +35,18 @@ class PageAllocator:
             raise ValueError(f"{count} pages requested, {len(self._free)} free")
         return [heapq.heappop(self._free) for _ in range(count)]
 
+    def allocate_run(self, count: int) -> list[int] | None:
+        """The lowest ``count`` neighbouring free pages, ascending, or ``None`` when
+        no run that long is free (the caller checked ``free_count``)."""
+        free = self._free
+        free.sort()  # a sorted list is still a heap, and slicing keeps it sorted
+        for start in range(len(free) - count + 1):
+            if free[start + count - 1] - free[start] == count - 1:
+                run = free[start : start + count]
+                del free[start : start + count]
+                return run
+        return None
+
     def release(self, pages: Sequence[int]) -> None:
         """Return pages that ``allocate`` handed out."""
         for page in pages:

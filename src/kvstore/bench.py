@@ -47,6 +47,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from kvstore import bench_lmcache
 from kvstore.bench_options import (
     CHUNK_TOKENS,
     FULL_BYTES,
@@ -158,6 +159,7 @@ class Settings:
     directory: Path | None
     json_path: Path | None
     quick: bool
+    compare: tuple[str, ...] = ()
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> Settings:
@@ -187,6 +189,7 @@ class Settings:
             directory=Path(args.dir) if args.dir else None,
             json_path=Path(args.json) if args.json else None,
             quick=args.quick,
+            compare=tuple(args.compare or ()),
         )
 
     def chunk_count(self, layout: KVLayout) -> int:
@@ -456,32 +459,43 @@ def measure(
             baseline = CopyBaseline(workload)
         else:
             baseline = _direct_io_baseline(store, baseline_dir, workload)
-        stored, retrieved = (
-            Row(
-                tier=label,
-                layout=workload.name,
-                op=op,
-                verify=verify,
-                chunks=workload.chunks,
-                chunk_bytes=workload.chunk_bytes,
-                baseline=baseline.description,
-            )
-            for op in ("store", "retrieve")
-        )
+        rows = _rows(label, workload, verify, baseline.description)
         for repeat in range(settings.warmup + settings.repeat):
             times = _one_repeat(store, baseline, workload, check=repeat == 0)
             if repeat >= settings.warmup:
-                stored.baseline_s.append(times.baseline_write)
-                stored.kvstore_s.append(times.store)
-                retrieved.baseline_s.append(times.baseline_read)
-                retrieved.kvstore_s.append(times.retrieve)
-        return stored, retrieved
+                _record(rows, times)
+        return rows
     finally:
         if baseline is not None:
             baseline.close()
         store.close()
         shutil.rmtree(store_dir, ignore_errors=True)
         shutil.rmtree(baseline_dir, ignore_errors=True)
+
+
+def measure_lmcache(workload: Workload, settings: Settings) -> tuple[Row, Row]:
+    """LMCache's CPU backend on the workload's chunks against the cpu tier's raw copy,
+    alternating in the same run (``bench_lmcache``)."""
+    backend = bench_lmcache.LMCacheCpu(workload.layout, CHUNK_TOKENS, workload.chunks)
+    baseline = CopyBaseline(workload)
+    ct = CHUNK_TOKENS
+    chunks = [workload.kv[:, :, i * ct : (i + 1) * ct] for i in range(workload.chunks)]
+    outs = [workload.out[:, :, i * ct : (i + 1) * ct] for i in range(workload.chunks)]
+    rows = _rows(bench_lmcache.NAME, workload, False, baseline.description)
+    try:
+        for repeat in range(settings.warmup + settings.repeat):
+            workload.out.zero_()
+            times = RepeatTimes(
+                baseline.write(), backend.store(chunks), baseline.read(), backend.retrieve(outs)
+            )
+            if repeat == 0 and not torch.equal(workload.out, workload.kv):
+                raise KVStoreError("LMCache returned different KV than was stored")
+            backend.clear()
+            if repeat >= settings.warmup:
+                _record(rows, times)
+    finally:
+        backend.close()
+    return rows
 
 
 class RepeatTimes(NamedTuple):
@@ -491,6 +505,32 @@ class RepeatTimes(NamedTuple):
     store: float
     baseline_read: float
     retrieve: float
+
+
+def _rows(tier: str, workload: Workload, verify: bool, baseline: str) -> tuple[Row, Row]:
+    """The store and retrieve rows of one measured cell, with no times yet."""
+    stored, retrieved = (
+        Row(
+            tier=tier,
+            layout=workload.name,
+            op=op,
+            verify=verify,
+            chunks=workload.chunks,
+            chunk_bytes=workload.chunk_bytes,
+            baseline=baseline,
+        )
+        for op in ("store", "retrieve")
+    )
+    return stored, retrieved
+
+
+def _record(rows: tuple[Row, Row], times: RepeatTimes) -> None:
+    """Add one timed repeat to the store and retrieve rows."""
+    stored, retrieved = rows
+    stored.baseline_s.append(times.baseline_write)
+    stored.kvstore_s.append(times.store)
+    retrieved.baseline_s.append(times.baseline_read)
+    retrieved.kvstore_s.append(times.retrieve)
 
 
 def _one_repeat(
@@ -546,7 +586,8 @@ def results_table(rows: Sequence[Row], settings: Settings) -> Table:
             (
                 f"GB/s = 10^9 bytes of KV per second, median of {settings.repeat} repeats "
                 f"after {settings.warmup} warm-up.",
-                "verify = payload digest checked on retrieve (store always digests).",
+                "verify = payload digest checked on retrieve (store always digests); "
+                f"{bench_lmcache.NAME} = {bench_lmcache.DESCRIPTION}, no digest.",
                 *sorted({f"{row.tier} baseline: {row.baseline}" for row in rows}),
             )
         ),
@@ -616,8 +657,14 @@ def run_bench(args: argparse.Namespace) -> int:
                         except (KVStoreError, OSError) as exc:
                             errors.append(f"{label}: {type(exc).__name__}: {exc}")
                             console.print(f"[red]error[/red] {errors[-1]}")
+            if "lmcache" in settings.compare:
+                if bench_lmcache.available():
+                    with console.status(f"measuring LMCache's CPU backend, {name}"):
+                        rows.extend(measure_lmcache(workload, settings))
+                else:
+                    console.print("LMCache is not importable here: --compare lmcache skipped")
             del workload
-    order = [*TIERS, *(url_scheme(url) for url in settings.urls)]
+    order = [*TIERS, bench_lmcache.NAME, *(url_scheme(url) for url in settings.urls)]
     rows.sort(key=lambda row: (order.index(row.tier), settings.layouts.index(row.layout)))
     if rows:
         console.print(results_table(rows, settings))

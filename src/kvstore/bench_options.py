@@ -86,6 +86,13 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--quick", action="store_true", help="small sizes, a few seconds a tier")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON to FILE")
+    parser.add_argument(
+        "--compare",
+        action="append",
+        choices=["lmcache"],
+        help="also measure LMCache's CPU backend on the same chunks against the same raw "
+        "copy, when LMCache is importable (reported, never required)",
+    )
 
 
 def add_codec_bench_arguments(parser: argparse.ArgumentParser) -> None:

@@ -15,6 +15,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import xxhash
 from typing_extensions import Buffer
@@ -22,6 +23,7 @@ from typing_extensions import Buffer
 from kvstore.buffers import byte_view
 from kvstore.codecs import ByteCodec, ChunkContext, Codec, KeyRing, TensorCodec, codec_by_id
 from kvstore.codecs.base import check_order
+from kvstore.digest import copy_with_digest, payload_digest, tensor_pieces
 from kvstore.dtypes import DTYPE_CODES
 from kvstore.errors import ConfigError, IntegrityError, InvalidArgumentError
 from kvstore.layout import DTYPE_NAMES, DTYPES, KVLayout
@@ -30,6 +32,9 @@ MAGIC = b"KVSC"
 FORMAT_VERSION = 1
 HEADER_ALIGN = 64
 FLAG_MLA = 1
+FLAG_BLOCK_DIGEST = 2
+"""The payload digest is over 1 MiB blocks (``kvstore.digest``); every chunk this
+version writes sets it. Without it, the digest is the xxh3-128 of the payload."""
 
 # magic, version, header length, flags, dtype code, ndim, codec count, reserved,
 # payload length, raw length, payload digest (xxh3-128), chunk key (32 bytes)
@@ -52,16 +57,13 @@ class ChunkHeader:
     digest: bytes
     mla: bool
     header_len: int
+    block_digest: bool = True
 
 
 def header_length(ndim: int, ncodecs: int) -> int:
     """Bytes of header for a tensor of ``ndim`` dims and ``ncodecs`` codecs."""
     used = _FIXED.size + 4 * ndim + 2 * ncodecs + _CHECKSUM.size
     return -(-used // HEADER_ALIGN) * HEADER_ALIGN
-
-
-def payload_digest(payload: Buffer) -> bytes:
-    return xxhash.xxh3_128_digest(payload)
 
 
 def _pack_header(
@@ -84,7 +86,7 @@ def _pack_header(
         MAGIC,
         FORMAT_VERSION,
         size,
-        FLAG_MLA if mla else 0,
+        FLAG_BLOCK_DIGEST | (FLAG_MLA if mla else 0),
         DTYPE_CODES[dtype],
         len(shape),
         len(codecs),
@@ -118,14 +120,19 @@ def encode_chunk(
 
     With no codecs the payload is written straight from ``kv`` into ``out``
     (a uint8 tensor of at least ``raw_chunk_size(kv)`` bytes, e.g. from a
-    BufferPool; a new one when omitted): one copy, one digest pass. The result
-    is a view of the encoded bytes. A stack that starts with a quantizer also
-    takes device KV: it is quantized there and only the codes cross to host.
+    BufferPool or room a driver lends; a new one when omitted), hashed block
+    by block as it is copied: one pass over memory, on several threads. Device
+    KV goes to ``out`` in one device-to-host copy (DMA, when ``out`` is pinned),
+    then is hashed. The result is a view of the encoded bytes. A stack that
+    starts with a quantizer also takes device KV: it is quantized there and
+    only the codes cross to host.
     """
     check_order(codecs)
     quantizer = codecs[0] if codecs and isinstance(codecs[0], TensorCodec) else None
-    if kv.device.type != "cpu" and quantizer is None:
-        raise InvalidArgumentError("encode_chunk takes CPU tensors; copy device KV to host first")
+    if kv.device.type != "cpu" and quantizer is None and (codecs or out is None):
+        raise InvalidArgumentError(
+            "encode_chunk takes device KV only into out or with a quantizer first"
+        )
     if kv.dtype not in DTYPE_NAMES:
         raise InvalidArgumentError(f"unsupported KV dtype {kv.dtype}")
     dtype = DTYPE_NAMES[kv.dtype]
@@ -140,10 +147,15 @@ def encode_chunk(
             raise InvalidArgumentError(
                 f"out must be a contiguous uint8 tensor of >= {size + raw_len} bytes"
             )
-        if raw_len:
-            out[size : size + raw_len].view(kv.dtype).view(shape).copy_(kv)
         view = byte_view(out)[: size + raw_len]
         payload: memoryview | bytes = view[size:]
+        pieces = tensor_pieces(kv)
+        if pieces is None:
+            if raw_len:
+                out[size : size + raw_len].view(kv.dtype).view(shape).copy_(kv)
+            digest = payload_digest(payload)
+        else:
+            digest = copy_with_digest(out[size : size + raw_len].numpy(), pieces, "into_payload")
     else:
         data: Buffer = quantizer.encode_tensor(kv) if quantizer else byte_view(kv.contiguous())
         for codec in codecs[1:] if quantizer else codecs:
@@ -152,6 +164,7 @@ def encode_chunk(
         payload = memoryview(data).cast("B")
         view = memoryview(bytearray(size + len(payload)))
         view[size:] = payload
+        digest = payload_digest(payload)
     _pack_header(
         view[:size],
         key=key,
@@ -160,7 +173,7 @@ def encode_chunk(
         codecs=codecs,
         payload_len=len(payload),
         raw_len=raw_len,
-        digest=payload_digest(payload),
+        digest=digest,
         mla=mla,
     )
     return view
@@ -207,6 +220,7 @@ def read_header(data: memoryview) -> ChunkHeader:
         digest=digest,
         mla=bool(flags & FLAG_MLA),
         header_len=size,
+        block_digest=bool(flags & FLAG_BLOCK_DIGEST),
     )
 
 
@@ -226,9 +240,10 @@ def decode_chunk(
     payload must match its digest (skipped with ``verify=False``, for tiers
     whose bytes never leave this process). With ``out``, the KV is copied into
     it (a quantized chunk is dequantized straight into it, on its device) and
-    ``out`` is returned; otherwise the result may be a view of ``data``.
-    ``keys`` decrypt encrypted chunks. Raises IntegrityError on any mismatch,
-    a missing or wrong key included.
+    ``out`` is returned; otherwise the result may be a view of ``data``. A raw
+    chunk is verified block by block as it is copied into a host ``out``, so
+    ``out`` holds garbage when this raises. ``keys`` decrypt encrypted chunks.
+    Raises IntegrityError on any mismatch, a missing or wrong key included.
     """
     view = memoryview(data).cast("B")
     header = read_header(view)
@@ -244,8 +259,20 @@ def decode_chunk(
     if len(view) != end:
         raise IntegrityError(f"chunk is {len(view)} bytes, its header says {end}")
     payload = view[header.header_len :]
-    if verify and payload_digest(payload) != header.digest:
-        raise IntegrityError("chunk payload digest mismatch")
+    pieces = None
+    if out is not None and not header.codec_ids and out.dtype == DTYPES[header.dtype]:
+        pieces = tensor_pieces(out)
+    if pieces is not None and header.raw_len == len(payload) == layout.nbytes(tokens):
+        digest = copy_with_digest(
+            np.frombuffer(payload, dtype=np.uint8),
+            pieces,
+            "from_payload",
+            digest=verify and header.block_digest,
+        )
+        _check_digest(header, payload, digest if header.block_digest else None, verify=verify)
+        assert out is not None
+        return out
+    _check_digest(header, payload, None, verify=verify)
     codecs = [codec_by_id(codec_id, keys) for codec_id in header.codec_ids]
     try:
         check_order(codecs)
@@ -276,3 +303,18 @@ def decode_chunk(
         out.copy_(kv)
         return out
     return kv if not raw.readonly else kv.clone()
+
+
+def _check_digest(
+    header: ChunkHeader, payload: memoryview, computed: bytes | None, *, verify: bool
+) -> None:
+    """IntegrityError if ``verify`` and the payload does not match its digest
+    (``computed``, else computed here as the header's flags say)."""
+    if not verify:
+        return
+    if computed is None:
+        computed = (
+            payload_digest(payload) if header.block_digest else xxhash.xxh3_128_digest(payload)
+        )
+    if computed != header.digest:
+        raise IntegrityError("chunk payload digest mismatch")

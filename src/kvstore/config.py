@@ -55,7 +55,10 @@ class TierConfig(BaseModel):
         ``kivi4:64``, ``zstd+aesgcm:k1``; docs/codecs.md). A quantizer comes
         first, encryption last.
     verify: check each chunk's payload digest on read (header, key, shape and
-        length are always checked).
+        length are always checked). Unset: off for a driver whose memory only
+        this process writes (``in_process``: the cpu arena), on for every other
+        one, where ``false`` is ignored: their bytes cross a process or device
+        boundary, so reads always verify.
     timeout_s: longest a call to this tier may take: one that overruns is
         abandoned as a miss (or a failed write) and finishes in the background.
     required: the store fails to open when this tier's driver cannot be reached.
@@ -72,7 +75,7 @@ class TierConfig(BaseModel):
     eviction: str = "lru"
     write_policy: Literal["write-through", "write-back"] = "write-through"
     codecs: str = "raw"
-    verify: bool = True
+    verify: bool | None = None
     timeout_s: float = Field(default=30.0, gt=0)
     required: bool = False
 

@@ -40,6 +40,13 @@ class Capabilities:
         with no intermediate copy.
     lends_views: ``borrow_many`` lends read-only views of values held in this
         process's memory, so a reader verifies and copies them with no staging copy.
+    lends_room: ``lend_many`` lends writable room in this process's memory, so a
+        writer encodes a value straight into the driver's storage; the value
+        becomes visible when the loan commits.
+    in_process: values live in this process's memory and only this process
+        writes them: they never cross a process or device boundary, so a
+        reader need not re-verify what it wrote (a tier's ``verify`` defaults
+        to off on such a driver, and stays mandatory on every other one).
     shared: other processes or machines may write the same keys, so a
         store's own index of this tier is not the whole truth.
     max_value_bytes: the largest value ``put_many`` accepts (``None``: no limit
@@ -57,6 +64,8 @@ class Capabilities:
     listable: bool
     zero_copy: bool = False
     lends_views: bool = False
+    lends_room: bool = False
+    in_process: bool = False
     shared: bool = False
     max_value_bytes: int | None = None
     capacity_bytes: int | None = None
@@ -72,6 +81,8 @@ class Capabilities:
                 "listable",
                 "zero_copy",
                 "lends_views",
+                "lends_room",
+                "in_process",
                 "shared",
                 "evicts_itself",
             )
@@ -244,6 +255,31 @@ class Driver(abc.ABC, Generic[ConfigT]):
         check_keys(keys, self.name)
         return self._borrow_many(list(keys))
 
+    def lend_many(
+        self, items: Sequence[tuple[bytes, int]]
+    ) -> AbstractAsyncContextManager[list[memoryview | None]]:
+        """Writable room for a value of each ``(key, size)``, valid inside ``async with``.
+
+        The caller writes each value whole into its room. When the block exits
+        normally every lent room is committed at once, as ``put_many`` would
+        store it (replacing what was there); when it exits by an exception
+        (cancellation included) nothing is committed and the room is freed.
+        Until the commit no reader sees a lent value: a key reads as its old
+        value, or a miss. ``None`` where no room is lent (drivers without
+        ``lends_room``, or no contiguous room free): store those with
+        ``put_many``. Raises ``CapacityError`` like ``put_many`` when the values
+        cannot fit. The rooms must not be used after the block.
+        """
+        self._check_open()
+        check_keys([key for key, _ in items], self.name)
+        for _, size in items:
+            if type(size) is not int or size < 0:
+                raise InvalidArgumentError(
+                    f"lend_many takes (key, size) pairs with sizes >= 0, got {size!r}",
+                    driver=self.name,
+                )
+        return self._lend_many(list(items))
+
     async def contains_many(self, keys: Sequence[bytes]) -> list[bool]:
         """Whether each key holds a value, in order."""
         self._check_open()
@@ -303,6 +339,12 @@ class Driver(abc.ABC, Generic[ConfigT]):
         self, keys: builtins.list[bytes]
     ) -> AbstractAsyncContextManager[builtins.list[memoryview | None]]:
         nothing: builtins.list[memoryview | None] = [None] * len(keys)
+        return contextlib.nullcontext(nothing)
+
+    def _lend_many(
+        self, items: builtins.list[tuple[bytes, int]]
+    ) -> AbstractAsyncContextManager[builtins.list[memoryview | None]]:
+        nothing: builtins.list[memoryview | None] = [None] * len(items)
         return contextlib.nullcontext(nothing)
 
     @abc.abstractmethod

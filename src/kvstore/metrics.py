@@ -60,7 +60,14 @@ DURATION_BUCKETS = (
 )
 """Latency buckets in seconds: from an in-memory tier (~100 µs) to a slow object store."""
 
-DRIVER_OPERATIONS = ("put_many", "get_many", "borrow_many", "contains_many", "delete_many")
+DRIVER_OPERATIONS = (
+    "put_many",
+    "get_many",
+    "lend_many",
+    "borrow_many",
+    "contains_many",
+    "delete_many",
+)
 """Driver calls whose histogram children are bound when a store opens."""
 
 REQUESTS = (

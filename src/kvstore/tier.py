@@ -70,8 +70,8 @@ class Tier:
         self.index: EvictionPolicy = POLICIES[config.eviction]()
         self.stats = TierStats()
         self.timings = OperationTimings()
-        self.shared = driver.capabilities.shared
         self.down = driver.reason if isinstance(driver, OfflineDriver) else None
+        self._adopt(driver)
         self.abandoned: set[asyncio.Future[Any]] = set()
         self._overdue: set[asyncio.Future[Any]] = set()
         self.reserved = 0
@@ -87,8 +87,28 @@ class Tier:
         """Serve from ``driver``, just opened for a tier that was down."""
         self.capacity = tier_capacity(self.config, driver)
         self.driver = driver
-        self.shared = driver.capabilities.shared
         self.down = None
+        self._adopt(driver)
+
+    def _adopt(self, driver: Driver[Any]) -> None:
+        """Take what the store needs to know from ``driver``'s capabilities.
+
+        ``verify``: whether reads check each chunk's payload digest. Mandatory
+        for a driver whose bytes cross a process or device boundary; for an
+        ``in_process`` one (memory only this process writes, whose chunks were
+        digested as they were written) it is the tier's ``verify``, off unless
+        set."""
+        caps = driver.capabilities
+        self.shared = caps.shared
+        self.lends_room = caps.lends_room
+        in_process = caps.in_process and not caps.shared
+        self.verify = not in_process or bool(self.config.verify)
+        if self.config.verify is False and self.verify and self.down is None:
+            log.warning(
+                "tier %s: verify: false is ignored: its bytes cross a process or device "
+                "boundary, so reads always verify",
+                self.name,
+            )
 
     async def load_index(self) -> None:
         """Fill the index from the driver, for persistent tiers reopened."""

@@ -412,6 +412,48 @@ class LendsAbsent(Lending):
         return contextlib.nullcontext(views)  # type: ignore[arg-type]
 
 
+class RoomLending(DictDriver):
+    """Lends writable room (bytearrays), put into the dict when the loan commits."""
+
+    @property
+    def capabilities(self) -> Capabilities:
+        return Capabilities(
+            persistent=False, listable=True, lends_room=True, capacity_bytes=self.config.capacity
+        )
+
+    def _lend_many(
+        self, items: list[tuple[bytes, int]]
+    ) -> AbstractAsyncContextManager[list[memoryview | None]]:
+        return self._room(items)
+
+    @contextlib.asynccontextmanager
+    async def _room(self, items: list[tuple[bytes, int]]) -> AsyncIterator[list[memoryview | None]]:
+        rooms = [bytearray(size) for _, size in items]
+        yield [memoryview(room) for room in rooms]
+        await self._put_many([(key, memoryview(room)) for (key, _), room in zip(items, rooms)])
+
+
+@mutant("lendsvisible", "loans", "lent room is invisible until it commits (published at once)")
+class LendsVisible(RoomLending):
+    @contextlib.asynccontextmanager
+    async def _room(self, items: list[tuple[bytes, int]]) -> AsyncIterator[list[memoryview | None]]:
+        rooms = [bytearray(size) for _, size in items]
+        for (key, _), room in zip(items, rooms):
+            self._values[key] = room  # type: ignore[assignment]
+        yield [memoryview(room) for room in rooms]
+
+
+@mutant("commitsonabort", "loans", "an aborted loan publishes nothing (committed anyway)")
+class CommitsOnAbort(RoomLending):
+    @contextlib.asynccontextmanager
+    async def _room(self, items: list[tuple[bytes, int]]) -> AsyncIterator[list[memoryview | None]]:
+        rooms = [bytearray(size) for _, size in items]
+        try:
+            yield [memoryview(room) for room in rooms]
+        finally:
+            await self._put_many([(key, memoryview(room)) for (key, _), room in zip(items, rooms)])
+
+
 # --- persistence -----------------------------------------------------------------
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from kvstore.chunk import decode_chunk, encode_chunk, raw_chunk_size, read_header
-from kvstore.codecs import Codec, KeyRing
+from kvstore.codecs import Codec, KeyRing, TensorCodec
 from kvstore.errors import (
     IntegrityError,
     InvalidArgumentError,
@@ -45,6 +45,12 @@ class Encoding(Pinning):
     async def _encode(
         self, key: bytes, kv: torch.Tensor, codecs: tuple[Codec, ...]
     ) -> EncodedChunk:
+        """One chunk encoded with ``codecs`` into a pooled buffer (a raw one) or
+        memory of its own. Device KV crosses to the host once: straight into the
+        pinned pooled buffer, or as quantized codes when the stack starts with a
+        quantizer; other stacks copy it to the host first."""
+        if codecs and kv.device.type != "cpu" and not isinstance(codecs[0], TensorCodec):
+            kv = kv.cpu()
         if codecs:
             view = await self._run(
                 encode_chunk, chunk_key_of(key), kv, mla=self.layout.mla, codecs=codecs
@@ -55,7 +61,8 @@ class Encoding(Pinning):
         return EncodedChunk(key, view, codecs, buffer, self._pool)
 
     async def _recode(self, chunk: EncodedChunk, codecs: tuple[Codec, ...]) -> EncodedChunk:
-        """The same chunk encoded with another tier's codec stack."""
+        """The same chunk encoded with another tier's codec stack (its digest is
+        checked on the way unless the chunk is ``trusted``)."""
         if chunk.codecs == codecs or [c.spec() for c in chunk.codecs] == [c.spec() for c in codecs]:
             return chunk.retain()
         kv = await self._run(
@@ -64,6 +71,7 @@ class Encoding(Pinning):
             key=chunk_key_of(chunk.key),
             layout=self.layout,
             tokens=self.chunk_tokens,
+            verify=not chunk.trusted,
             keys=self._keys,
         )
         return await self._encode(chunk.key, kv, codecs)

@@ -136,7 +136,9 @@ class Placement(Encoding):
         except KVStoreError:
             values = [None] * len(keys)
         chunks = [
-            EncodedChunk(key, memoryview(value), tier.codecs, None, self._pool)
+            EncodedChunk(
+                key, memoryview(value), tier.codecs, None, self._pool, trusted=not tier.verify
+            )
             for key, value in zip(keys, values)
             if value is not None
         ]

@@ -8,11 +8,11 @@ import logging
 import time
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from kvstore.buffers import BufferPool, byte_view
 from kvstore.chunk import decode_chunk
-from kvstore.codecs import Codec
 from kvstore.errors import (
     DriverUnavailableError,
     IntegrityError,
@@ -46,6 +46,23 @@ class BatchReads:
         self.buffers: list[torch.Tensor] = []
         self.loans = contextlib.AsyncExitStack()
         self.failed = False
+        self._read_into: dict[bytes, torch.Tensor] = {}
+
+    def hold(self, keys: list[bytes], buffers: list[torch.Tensor]) -> None:
+        """Own the pooled ``buffers`` the values of ``keys`` were read into."""
+        self.buffers.extend(buffers)
+        self._read_into.update(zip(keys, buffers))
+
+    def take(self, key: bytes, value: memoryview) -> torch.Tensor | None:
+        """The pooled buffer holding ``value`` (read for ``key``), handed over to the
+        caller, who releases it to the pool; ``None`` when ``value`` is elsewhere
+        (a borrowed view, or a value that did not fit its buffer)."""
+        buffer = self._read_into.get(key)
+        if buffer is None or np.frombuffer(value, dtype=np.uint8).ctypes.data != buffer.data_ptr():
+            return None
+        del self._read_into[key]
+        self.buffers = [held for held in self.buffers if held is not buffer]
+        return buffer
 
     async def release(self) -> None:
         await self.loans.aclose()
@@ -70,7 +87,7 @@ class ReadPipeline(WritePipeline):
         """
         self._check_open()
         keys = self.keys(tokens)
-        located = await self._locate(keys)
+        located = self._locate_to_read(keys)
         if not located:
             self.metrics.count_prefix("retrieve", len(keys) * self.chunk_tokens, 0)
             self._counters.note_retrieve(0)
@@ -128,7 +145,7 @@ class ReadPipeline(WritePipeline):
                         tier.stats.hits += 1
                         tier.stats.bytes_read += len(value)
                         if position > 0:
-                            await self._promote(keys[i], value, tier.codecs)
+                            await self._promote(tier, keys[i], value, outs[i], reads[batch_no])
                         sources.append(tier.name)
                     else:
                         source = await self._recover(keys[i], outs[i], position)
@@ -165,12 +182,27 @@ class ReadPipeline(WritePipeline):
             raise InvalidArgumentError(f"{len(outs)} outs given for {len(keys)} keys")
         for out in outs:
             self.layout.check(out, self.chunk_tokens)
-        located = await self._locate(keys)
+        located = self._locate_to_read(keys)
         sources = ChunkTiers(
             await self._load(keys, located, list(outs)) if located else (), self.chunk_tokens
         )
         self.metrics.count_prefix("retrieve_chunks", len(keys) * self.chunk_tokens, sources.tokens)
         return sources
+
+    def _locate_to_read(self, keys: list[bytes]) -> list[int]:
+        """The tier to read each chunk of the cached prefix from: the fastest whose
+        index holds it, else the fastest shared tier that is up, read without
+        asking first (``get_many`` answers a miss with ``None``, so asking
+        ``contains_many`` would only add a round trip); the prefix ends at the
+        first chunk no tier can hold."""
+        shared = next((t.position for t in self.tiers if t.shared and t.down is None), None)
+        located: list[int] = []
+        for key in keys:
+            position = next((t.position for t in self.tiers if key in t.index), shared)
+            if position is None:
+                break
+            located.append(position)
+        return located
 
     def _batches(self, located: list[int]) -> list[tuple[int, list[int]]]:
         """Consecutive chunks from the same tier, at most ``io_batch_bytes`` a batch."""
@@ -216,7 +248,7 @@ class ReadPipeline(WritePipeline):
                 for buffer in buffers:
                     self._pool.release(buffer)
             else:
-                reads.buffers.extend(buffers)
+                reads.hold(wanted, buffers)
 
         try:
             found = await tier.call(
@@ -257,7 +289,7 @@ class ReadPipeline(WritePipeline):
                 layout=self.layout,
                 tokens=self.chunk_tokens,
                 out=out,
-                verify=tier.config.verify,
+                verify=tier.verify,
                 keys=self._keys,
             )
             return True
@@ -271,30 +303,45 @@ class ReadPipeline(WritePipeline):
             return False
 
     async def _recover(self, key: bytes, out: torch.Tensor, failed: int) -> str | None:
-        """Try every other tier for a chunk whose first copy failed; the tier's name."""
+        """Try every other tier for a chunk whose first copy failed; the tier's name.
+        A shared tier is read without asking first: a miss is ``None`` already."""
         for tier in self.tiers:
             if tier.position == failed:
                 continue
-            if not (await self._in_tier(tier, [key]))[0]:
+            if not tier.shared and key not in tier.index:
                 continue
             reads = BatchReads(self._pool)
             try:
                 (value,) = await self._fetch(tier, [key], reads)
-                if value is not None and await self._decode_into(tier, key, value, out):
+                if value is None:
+                    tier.stats.misses += 1
+                elif await self._decode_into(tier, key, value, out):
                     tier.stats.hits += 1
                     tier.stats.bytes_read += len(value)
                     if tier.position > 0:
-                        await self._promote(key, value, tier.codecs)
+                        await self._promote(tier, key, value, out, reads)
                     return tier.name
             finally:
                 await reads.release()
         return None
 
-    async def _promote(self, key: bytes, value: memoryview, codecs: tuple[Codec, ...]) -> None:
-        """Queue a copy of a chunk found in a lower tier for the first tier."""
-        if key in self.tiers[0].index:
+    async def _promote(
+        self, tier: Tier, key: bytes, value: memoryview, kv: torch.Tensor, reads: BatchReads
+    ) -> None:
+        """Queue a chunk found in ``tier`` (below the first), verified and decoded
+        into ``kv``, for the first tier. With the same codec stack the pooled
+        buffer it was read into is handed over (copied only when it was lent);
+        else it is encoded from ``kv``, so it is never decoded twice. A promotion
+        never waits for the write budget: it is dropped when that is spent."""
+        first = self.tiers[0]
+        if key in first.index:
             return
-        buffer = self._pool.acquire(len(value))
-        buffer[: len(value)].numpy()[:] = value
-        chunk = EncodedChunk(key, byte_view(buffer)[: len(value)], codecs, buffer, self._pool)
-        await self._enqueue(self.tiers[0], chunk)
+        if first.codec_spec != tier.codec_spec:
+            await self._enqueue(first, await self._encode(key, kv, first.codecs), wait=False)
+            return
+        buffer = reads.take(key, value)
+        if buffer is None:
+            buffer = self._pool.acquire(len(value))
+            buffer[: len(value)].numpy()[:] = value
+        chunk = EncodedChunk(key, byte_view(buffer)[: len(value)], tier.codecs, buffer, self._pool)
+        await self._enqueue(first, chunk, wait=False)

@@ -3,16 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
+import time
 from collections.abc import Sequence
 
 import torch
 
+from kvstore.chunk import encode_chunk
 from kvstore.errors import (
+    CapacityError,
     InvalidArgumentError,
     KVStoreError,
 )
 from kvstore.keys import (
     TokenIds,
+    chunk_key_of,
 )
 from kvstore.layout import TOKEN_DIM
 from kvstore.metrics import timed
@@ -33,7 +39,8 @@ class WritePipeline(Placement):
         """Cache the KV of every whole chunk of ``tokens`` not cached yet.
 
         ``kv`` is ``[layers, 2, n, kv_heads, head_dim]`` with ``n >= len(tokens)``
-        rounded down to whole chunks; it is copied, never kept.
+        rounded down to whole chunks, on any device; it is copied, never kept
+        (device KV crosses to the host once, see ``_encode``).
         """
         self._check_open()
         keys = self.keys(tokens)
@@ -44,8 +51,6 @@ class WritePipeline(Placement):
                 f"{needed} tokens, got {tuple(kv.shape)}"
             )
         self.layout.check(kv[:, :, :needed], needed)
-        if kv.device.type != "cpu":
-            kv = kv[:, :, :needed].cpu()
         ct = self.chunk_tokens
         return await self._store_chunks(
             keys, [kv[:, :, i * ct : (i + 1) * ct] for i in range(len(keys))]
@@ -67,9 +72,7 @@ class WritePipeline(Placement):
             raise InvalidArgumentError(f"{len(chunks)} chunks given for {len(keys)} keys")
         for chunk in chunks:
             self.layout.check(chunk, self.chunk_tokens)
-        return await self._store_chunks(
-            keys, [chunk if chunk.device.type == "cpu" else chunk.cpu() for chunk in chunks]
-        )
+        return await self._store_chunks(keys, list(chunks))
 
     async def _store_chunks(self, keys: list[bytes], chunks: list[torch.Tensor]) -> StoreResult:
         """Encode the chunks the first tier lacks, write them there and queue them below."""
@@ -87,11 +90,28 @@ class WritePipeline(Placement):
             return asyncio.gather(*(self._encode(keys[i], chunks[i], first.codecs) for i in batch))
 
         written = 0
-        pending = encode(batches[0]) if batches else None
-        for number in range(len(batches)):
+        lending = first.lends_room and not first.codecs and first.down is None
+        pending = encode(batches[0]) if batches and not lending else None
+        for number, batch in enumerate(batches):
+            if lending:
+                items = [(keys[i], chunks[i]) for i in batch]
+                lent, rest, dropped = await self._write_lent(first, items)
+                written += len(lent)
+                if self._writes_through(first):
+                    below = await self._lent_chunks(first, [items[i] for i in lent])
+                    below.extend(await encode([batch[i] for i in dropped]))
+                    try:
+                        await self._write_through(below)
+                    finally:
+                        for chunk in below:
+                            chunk.release()
+                if not rest:
+                    continue
+                pending = encode([batch[i] for i in rest])
             assert pending is not None
             encoded = list(await pending)
-            pending = encode(batches[number + 1]) if number + 1 < len(batches) else None
+            following = number + 1 < len(batches) and not lending
+            pending = encode(batches[number + 1]) if following else None
             try:
                 written += await self._write(first, encoded)
                 await self._write_through(encoded)
@@ -106,17 +126,98 @@ class WritePipeline(Placement):
             chunk_tokens=self.chunk_tokens,
         )
 
+    async def _write_lent(
+        self, tier: Tier, items: list[tuple[bytes, torch.Tensor]]
+    ) -> tuple[list[int], list[int], list[int]]:
+        """Encode chunks straight into room ``tier``'s driver lends (one pass over
+        the KV, digest included) and commit them. Returns the positions in
+        ``items`` written, those to write the usual way (no room lent, or the
+        loan failed), and those that do not fit in ``tier`` (dropped and
+        counted: they still go to the tiers below)."""
+        size = self._chunk_size
+        largest = tier.driver.capabilities.max_value_bytes
+        footprint = tier.footprint(size)
+        fitting: list[int] = []
+        dropped: list[int] = []
+        for i in range(len(items)):
+            if (largest is None or size <= largest) and await self._reserve(tier, footprint):
+                fitting.append(i)
+            else:
+                tier.stats.dropped_writes += 1
+                dropped.append(i)
+        if not fitting:
+            return [], [], dropped
+        start = time.perf_counter()
+        try:
+            async with tier.driver.lend_many([(items[i][0], size) for i in fitting]) as rooms:
+                lent = [i for i, room in zip(fitting, rooms) if room is not None]
+                encodes = [
+                    self._executor.submit(
+                        encode_chunk,
+                        chunk_key_of(items[i][0]),
+                        items[i][1],
+                        mla=self.layout.mla,
+                        out=torch.frombuffer(room, dtype=torch.uint8),
+                    )
+                    for i, room in zip(fitting, rooms)
+                    if room is not None
+                ]
+                try:
+                    await asyncio.gather(*(asyncio.wrap_future(job) for job in encodes))
+                finally:
+                    # The loan may end (and free its room) only once no thread writes there.
+                    concurrent.futures.wait(encodes)
+        except KVStoreError as exc:
+            tier.note_error("lend_many", exc)
+            if isinstance(exc, CapacityError):
+                tier.note_full()
+            return [], fitting, dropped
+        finally:
+            tier.reserved -= footprint * len(fitting)
+            tier.timings.observe("lend_many", time.perf_counter() - start)
+        self._record_written(tier, [(items[i][0], size) for i in lent])
+        done = set(lent)
+        return lent, [i for i in fitting if i not in done], dropped
+
+    async def _lent_chunks(
+        self, tier: Tier, items: list[tuple[bytes, torch.Tensor]]
+    ) -> list[EncodedChunk]:
+        """Chunks just written into ``tier``'s lent room, as views the driver lends
+        until the writes below are done with them: lower tiers get the same bytes
+        with no copy. A chunk the driver does not lend back (deleted meanwhile,
+        or a driver that lends no views) is encoded again from its KV."""
+        chunks: list[EncodedChunk] = []
+        for key, kv in items:
+            loan = contextlib.AsyncExitStack()
+            try:
+                (view,) = await loan.enter_async_context(tier.borrow([key]))
+            except KVStoreError as exc:
+                tier.note_error("borrow_many", exc)
+                view = None
+            if view is None:
+                await loan.aclose()
+                chunks.append(await self._encode(key, kv, tier.codecs))
+                continue
+            chunks.append(EncodedChunk(key, view, tier.codecs, None, self._pool, loan=loan))
+        return chunks
+
+    def _writes_through(self, tier: Tier) -> bool:
+        """Whether writes to ``tier`` are queued for the tier below it."""
+        return tier.position + 1 < len(self.tiers) and tier.config.write_policy == "write-through"
+
     async def _write_through(self, chunks: list[EncodedChunk]) -> None:
         """Queue chunks for every lower tier reached through write-through tiers."""
         for tier in self.tiers[1:]:
-            if self.tiers[tier.position - 1].config.write_policy != "write-through":
+            if not self._writes_through(self.tiers[tier.position - 1]):
                 break
             for chunk in chunks:
                 await self._enqueue(tier, chunk.retain())
 
-    async def _enqueue(self, tier: Tier, chunk: EncodedChunk) -> None:
+    async def _enqueue(self, tier: Tier, chunk: EncodedChunk, *, wait: bool = True) -> None:
+        """Queue ``chunk`` for ``tier`` within the write budget. ``wait=False`` (a
+        promotion) never waits for room in the budget: it is dropped instead."""
         cost = len(chunk.view)
-        wait = self.config.on_queue_full == "block"
+        wait = wait and self.config.on_queue_full == "block"
         if tier.down is None and await self._budget.acquire(cost, wait=wait):
             self._queues[tier.position].put_nowait(WriteJob(chunk, cost))
         else:

@@ -1,0 +1,223 @@
+"""The store's hot path: one pass on store, loans to lower tiers, per-tier verification,
+shared tiers read without asking first, promotion without copies."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from test_store import CHUNK, CHUNK_ROOM, LAYOUT, config, prompt
+
+from kvstore.conformance.faults import FaultPlan, FaultyDriver
+from kvstore.drivers.cpu.driver import CpuDriver
+from kvstore.keys import Namespace
+from kvstore.registry import open_driver
+from kvstore.store import AsyncKVStore
+
+NAMESPACE = Namespace("hot-path-model", "rev", LAYOUT, chunk_tokens=CHUNK)
+COUNT_ONLY = FaultPlan(action="error", operations=frozenset({"usage"}), probability=0.0)
+"""A plan that faults nothing: the wrapper only counts the calls it forwards."""
+
+
+async def test_store_encodes_into_lent_room_and_lends_the_bytes_below(tmp_path: Path) -> None:
+    cpu = FaultyDriver.wrap(await open_driver("cpu://?capacity=16MiB"), COUNT_ONLY)
+    nvme = FaultyDriver.wrap(await open_driver(f"nvme://{tmp_path}/n?capacity=64MiB"), COUNT_ONLY)
+    store = await AsyncKVStore.open(
+        config("cpu://?capacity=16MiB", f"nvme://{tmp_path}/n?capacity=64MiB"),
+        NAMESPACE,
+        drivers=[cpu, nvme],
+    )
+    try:
+        ids, kv = prompt(1, 3 * CHUNK)
+        result = await store.store(ids, kv)
+        await store.flush()
+        assert result.written == 3
+        assert cpu.calls["lend_many"] == 1, "the first tier's chunks are encoded into lent room"
+        assert cpu.calls["put_many"] == 0, "no staging buffer is put into the first tier"
+        assert cpu.calls["borrow_many"] == 3, "the tier below reads the arena through loans"
+        assert nvme.calls["put_many"] >= 1
+        keys = store.keys(ids)
+        above = await cpu.inner.get_many(keys)
+        below = await nvme.inner.get_many(keys)
+        assert [bytes(v) for v in above if v] == [bytes(v) for v in below if v]
+        assert len([v for v in below if v]) == 3
+        loaded = await store.retrieve(ids)
+        assert loaded.kv is not None and torch.equal(loaded.kv, kv)
+    finally:
+        await store.close()
+
+
+async def test_strided_and_repeated_stores_read_back_exactly() -> None:
+    store = await AsyncKVStore.open(config("cpu://?capacity=16MiB"), NAMESPACE)
+    try:
+        ids, kv = prompt(2, 4 * CHUNK)
+        wide = torch.zeros(LAYOUT.shape(6 * CHUNK), dtype=LAYOUT.torch_dtype)
+        wide[:, :, CHUNK : 5 * CHUNK] = kv
+        strided = wide[:, :, CHUNK : 5 * CHUNK]
+        assert (await store.store(ids, strided)).written == 4
+        assert (await store.store(ids, strided)).already_cached == 4
+        out = torch.zeros(LAYOUT.shape(7 * CHUNK), dtype=LAYOUT.torch_dtype)
+        loaded = await store.retrieve(ids, out=out[:, :, 2 * CHUNK :])
+        assert loaded.kv is not None and torch.equal(loaded.kv, kv)
+    finally:
+        await store.close()
+
+
+async def test_a_cancelled_loan_frees_its_room_and_was_never_visible() -> None:
+    driver = await open_driver("cpu://?capacity=4MiB&page_size=64KiB")
+    assert isinstance(driver, CpuDriver)
+    writing = asyncio.Event()
+
+    async def writer() -> None:
+        async with driver.lend_many([(b"being-written", 3 << 20)]) as (room,):
+            assert room is not None
+            room[:] = bytes(len(room))
+            writing.set()
+            await asyncio.sleep(3600)
+
+    try:
+        task = asyncio.ensure_future(writer())
+        await writing.wait()
+        assert driver.free_bytes == 1 << 20
+        assert await driver.get_many([b"being-written"]) == [None]
+        assert await driver.contains_many([b"being-written"]) == [False]
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        assert driver.free_bytes == 4 << 20, "an aborted loan gives its room back"
+        assert await driver.contains_many([b"being-written"]) == [False]
+    finally:
+        await driver.close()
+
+
+async def test_retrieve_reads_a_shared_tier_without_asking_first(tmp_path: Path) -> None:
+    url = f"fsspec+memory://hot-path-{tmp_path.name}"
+    shared = {"url": url, "capacity": 64 << 20}
+    writer = await AsyncKVStore.open(config("cpu://?capacity=16MiB", shared), NAMESPACE)
+    ids, kv = prompt(3, 3 * CHUNK)
+    try:
+        await writer.store(ids, kv)
+        await writer.flush()
+    finally:
+        await writer.close()
+    remote = FaultyDriver.wrap(await open_driver(url), COUNT_ONLY)
+    cpu = await open_driver("cpu://?capacity=16MiB")
+    reader = await AsyncKVStore.open(
+        config("cpu://?capacity=16MiB", shared), NAMESPACE, drivers=[cpu, remote]
+    )
+    try:
+        remote.calls.clear()
+        loaded = await reader.retrieve(ids)
+        assert loaded.kv is not None and torch.equal(loaded.kv, kv)
+        assert loaded.chunk_tiers == (reader.tiers[1].name,) * 3
+        missed = await reader.retrieve(prompt(4, 2 * CHUNK)[0])
+        assert missed.tokens == 0
+        assert remote.calls["contains_many"] == 0, "a miss is None from get_many already"
+        assert remote.calls["get_many"] >= 2
+        await reader.flush()
+        again = await reader.retrieve(ids)
+        assert again.chunk_tiers == (reader.tiers[0].name,) * 3, "hits were promoted"
+    finally:
+        await reader.close()
+
+
+@pytest.mark.parametrize("codecs", ["raw", "zstd"])
+async def test_promotion_lands_in_the_first_tier(tmp_path: Path, codecs: str) -> None:
+    lower = {"url": f"nvme://{tmp_path}/n?capacity=64MiB", "codecs": codecs}
+    ids, kv = prompt(5, 3 * CHUNK)
+    first = await AsyncKVStore.open(config("cpu://?capacity=16MiB", lower), NAMESPACE)
+    try:
+        await first.store(ids, kv)
+        await first.flush()
+    finally:
+        await first.close()
+    store = await AsyncKVStore.open(config("cpu://?capacity=16MiB", lower), NAMESPACE)
+    try:
+        loaded = await store.retrieve(ids)
+        assert loaded.kv is not None and torch.equal(loaded.kv, kv)
+        assert loaded.chunk_tiers == (store.tiers[1].name,) * 3
+        await store.flush()
+        again = await store.retrieve(ids)
+        assert again.chunk_tiers == (store.tiers[0].name,) * 3
+        assert again.kv is not None and torch.equal(again.kv, kv)
+    finally:
+        await store.close()
+
+
+async def test_verification_defaults_per_tier(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    cpu_default = await AsyncKVStore.open(
+        config("cpu://?capacity=16MiB", f"nvme://{tmp_path}/a?capacity=64MiB"), NAMESPACE
+    )
+    try:
+        assert [tier.verify for tier in cpu_default.tiers] == [False, True]
+    finally:
+        await cpu_default.close()
+    with caplog.at_level(logging.WARNING, logger="kvstore.store"):
+        forced = await AsyncKVStore.open(
+            config(
+                {"url": "cpu://?capacity=16MiB", "verify": True},
+                {"url": f"nvme://{tmp_path}/b?capacity=64MiB", "verify": False},
+            ),
+            NAMESPACE,
+        )
+    try:
+        assert [tier.verify for tier in forced.tiers] == [True, True]
+        assert "verify: false is ignored" in caplog.text
+    finally:
+        await forced.close()
+    wrapped = FaultyDriver.wrap(await open_driver("cpu://?capacity=16MiB"), COUNT_ONLY)
+    faulty = await AsyncKVStore.open(config("cpu://?capacity=16MiB"), NAMESPACE, drivers=[wrapped])
+    try:
+        assert faulty.tiers[0].verify, "a wrapper that may damage values is verified"
+    finally:
+        await faulty.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("codecs", ["raw", "int8"])
+async def test_device_kv_crosses_to_the_host_once(codecs: str) -> None:
+    """Device KV goes straight into lent pinned room (raw) or is quantized on the
+    device first (int8), with no pageable host copy in between."""
+    namespace = Namespace("hot-path-gpu", "rev", LAYOUT, chunk_tokens=CHUNK, codec=codecs)
+    tier = {"url": "cpu://?capacity=16MiB", "codecs": codecs}
+    store = await AsyncKVStore.open(config(tier), namespace)
+    try:
+        ids, kv = prompt(6, 3 * CHUNK)
+        assert (await store.store(ids, kv.cuda())).written == 3
+        out = torch.empty(LAYOUT.shape(3 * CHUNK), dtype=LAYOUT.torch_dtype, device="cuda")
+        loaded = await store.retrieve(ids, out=out)
+        assert loaded.kv is not None and loaded.tokens == 3 * CHUNK
+        if codecs == "raw":
+            assert torch.equal(loaded.kv.cpu(), kv)
+        else:
+            assert torch.allclose(loaded.kv.cpu().float(), kv.float(), atol=0.05, rtol=0.02)
+    finally:
+        await store.close()
+
+
+async def test_chunks_the_first_tier_cannot_hold_still_reach_the_tier_below(
+    tmp_path: Path,
+) -> None:
+    store = await AsyncKVStore.open(
+        config(
+            {"url": "cpu://?capacity=16MiB", "capacity": 2 * CHUNK_ROOM},
+            f"nvme://{tmp_path}/n?capacity=64MiB",
+        ),
+        NAMESPACE,
+    )
+    try:
+        ids, kv = prompt(7, 4 * CHUNK)
+        result = await store.store(ids, kv)
+        await store.flush()
+        assert result.written == 2, "two chunks fit the first tier"
+        assert len(store.tiers[1].index) == 4, "every chunk is written through below"
+        loaded = await store.retrieve(ids)
+        assert loaded.kv is not None and torch.equal(loaded.kv, kv)
+    finally:
+        await store.close()
