@@ -140,7 +140,7 @@ def test_the_configuration_reference_names_every_field() -> None:
     for page in re.findall(r"docs/[\w/.-]+\.md", text):
         assert (DOCS.parent / page).is_file(), page
     examples = re.findall(r"^```yaml\n(.*?)^```", text, flags=re.MULTILINE | re.DOTALL)
-    assert len(examples) == 5
+    assert len(examples) == 7
     for example in examples:
         StoreConfig.parse(yaml.safe_load(example), source=example.splitlines()[0])
 
