@@ -49,8 +49,8 @@ from kvstore.connectors.vllm_metadata import (
     SaveSpec,
 )
 from kvstore.connectors.vllm_options import ConnectorOptions
-from kvstore.connectors.vllm_scheduler import _SchedulerSide
-from kvstore.connectors.vllm_worker import _WorkerSide
+from kvstore.connectors.vllm_scheduler import SchedulerSide
+from kvstore.connectors.vllm_worker import WorkerSide
 from kvstore.errors import NotSupportedError
 
 if TYPE_CHECKING:
@@ -98,9 +98,9 @@ class KVStoreConnector(KVConnectorBase_V1):
         self._can_save = transfer.kv_role in ("kv_producer", "kv_both")
         self._address, self._authkey = _socket_address(vllm_config)
         if role == KVConnectorRole.SCHEDULER:
-            self._scheduler = _SchedulerSide(self)
+            self._scheduler = SchedulerSide(self)
         else:
-            self._worker = _WorkerSide(self, vllm_config)
+            self._worker = WorkerSide(self, vllm_config)
 
     @classmethod
     def requires_piecewise_for_cudagraph(cls, extra_config: dict[str, Any]) -> bool:

@@ -13,15 +13,15 @@ from kvstore.connectors.vllm_paged import block_slots
 from kvstore.triton_kernels import scatter
 
 if TYPE_CHECKING:
-    from kvstore.connectors.vllm_worker import _WorkerSide
+    from kvstore.connectors.vllm_worker import WorkerSide
 
 log = logging.getLogger("kvstore.connectors.vllm")
 
 
-class _LoadJob:
+class LoadJob:
     """Retrieves this step's hits, then scatters them layer by layer on a thread."""
 
-    def __init__(self, worker: _WorkerSide, loads: list[LoadSpec]) -> None:
+    def __init__(self, worker: WorkerSide, loads: list[LoadSpec]) -> None:
         self._worker = worker
         self._loads = loads
         self._ready = [threading.Event() for _ in worker.caches]

@@ -17,7 +17,7 @@ from kvstore.connectors.vllm_metadata import SaveSpec
 log = logging.getLogger("kvstore.connectors.vllm")
 
 
-class _InflightSaves:
+class InflightSaves:
     """Background ``store`` calls still running, with the prefixes they save.
 
     A lookup for a prompt one of them extends waits for it, so a request that
@@ -56,7 +56,7 @@ class _InflightSaves:
 
 
 @dataclass
-class _Pending:
+class PendingSave:
     """A save being gathered: the chunk tensor, the layers copied into it so far,
     and whether a copy failed (then it is not stored)."""
 
@@ -66,7 +66,7 @@ class _Pending:
     failed: bool = False
 
 
-def _log_save(req_id: str, future: Future[Any]) -> None:
+def log_save(req_id: str, future: Future[Any]) -> None:
     error = future.exception()
     if error is not None:
         log.warning("kvstore: saving %s failed: %s", req_id, error)

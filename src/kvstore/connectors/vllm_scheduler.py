@@ -52,7 +52,7 @@ def _cacheable(request: Request) -> bool:
     )
 
 
-class _SchedulerSide:
+class SchedulerSide:
     """Decides, per step, what each worker loads and saves."""
 
     def __init__(self, connector: KVStoreConnector) -> None:

@@ -15,7 +15,7 @@ from vllm.platforms import current_platform
 
 from kvstore.connectors.config import store_namespace
 from kvstore.connectors.stores import shared_stores
-from kvstore.connectors.vllm_load import _LoadJob
+from kvstore.connectors.vllm_load import LoadJob
 from kvstore.connectors.vllm_lookup import LookupServer, register_local, unregister_local
 from kvstore.connectors.vllm_metadata import (
     KVStoreConnectorMetadata,
@@ -23,7 +23,7 @@ from kvstore.connectors.vllm_metadata import (
     SaveSpec,
 )
 from kvstore.connectors.vllm_paged import Backend, block_slots, layer_cache, layer_order
-from kvstore.connectors.vllm_saves import _InflightSaves, _log_save, _Pending
+from kvstore.connectors.vllm_saves import InflightSaves, PendingSave, log_save
 from kvstore.connectors.weights import weights_revision
 from kvstore.errors import NotSupportedError
 from kvstore.layout import DTYPE_NAMES, KVLayout
@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("kvstore.connectors.vllm")
 
 
-class _WorkerSide:
+class WorkerSide:
     """Owns the store and the paged-cache views; runs loads and saves."""
 
     def __init__(self, connector: KVStoreConnector, vllm_config: VllmConfig) -> None:
@@ -53,9 +53,9 @@ class _WorkerSide:
         self._layout: KVLayout | None = None
         self._save_slots: dict[str, torch.Tensor] = {}
         self._server: LookupServer | None = None
-        self._job: _LoadJob | None = None
-        self._pending: dict[str, _Pending] = {}
-        self._inflight = _InflightSaves()
+        self._job: LoadJob | None = None
+        self._pending: dict[str, PendingSave] = {}
+        self._inflight = InflightSaves()
         self._load_errors: set[int] = set()
         self._loads: dict[str, tuple[int, int]] = {}
         self._sent: set[str] = set()
@@ -152,7 +152,7 @@ class _WorkerSide:
 
     def start_load(self, metadata: KVStoreConnectorMetadata) -> None:
         if metadata.loads:
-            self._job = _LoadJob(self, metadata.loads)
+            self._job = LoadJob(self, metadata.loads)
 
     def wait_layer(self, layer_name: str) -> None:
         if self._job is not None and layer_name in self.index:
@@ -176,14 +176,14 @@ class _WorkerSide:
 
     # ------------------------------------------------------------------ saves
 
-    def _new_pending(self, spec: SaveSpec) -> _Pending:
+    def _new_pending(self, spec: SaveSpec) -> PendingSave:
         tokens = len(spec.token_ids)
         kv = torch.empty(
             self.layout.shape(tokens), dtype=self.layout.torch_dtype, device=self.device
         )
-        return _Pending(spec, kv)
+        return PendingSave(spec, kv)
 
-    def _gather(self, pending: _Pending, layer: int) -> None:
+    def _gather(self, pending: PendingSave, layer: int) -> None:
         """Copy one layer of a save out of vLLM's cache; a failure drops the save, logged."""
         spec = pending.spec
         try:
@@ -249,7 +249,7 @@ class _WorkerSide:
         future = asyncio.run_coroutine_threadsafe(
             self.store.async_store.store(spec.token_ids, kv), shared_loop().loop
         )
-        future.add_done_callback(functools.partial(_log_save, spec.req_id))
+        future.add_done_callback(functools.partial(log_save, spec.req_id))
         self._inflight.add(future, np.asarray(spec.token_ids, dtype="<i4"), size)
 
     def finished_sending(self) -> set[str] | None:
