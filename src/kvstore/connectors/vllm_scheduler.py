@@ -28,7 +28,6 @@ log = logging.getLogger("kvstore.connectors.vllm")
 
 
 @dataclass
-@dataclass
 class _Tracked:
     """Scheduler-side state of one request."""
 
