@@ -42,14 +42,10 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorWorkerMetadata,
 )
 
-from kvstore.connectors.vllm_metadata import (
-    KVStoreConnectorMetadata,
-    KVStoreWorkerMetadata,
-    LoadSpec,
-    SaveSpec,
-)
+from kvstore.connectors.vllm_metadata import KVStoreConnectorMetadata, KVStoreWorkerMetadata
 from kvstore.connectors.vllm_options import ConnectorOptions
 from kvstore.connectors.vllm_scheduler import SchedulerSide
+from kvstore.connectors.vllm_specs import LoadSpec, SaveSpec
 from kvstore.connectors.vllm_worker import WorkerSide
 from kvstore.errors import NotSupportedError
 

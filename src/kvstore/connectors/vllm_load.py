@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from kvstore.connectors.vllm_metadata import LoadSpec
 from kvstore.connectors.vllm_paged import block_slots
+from kvstore.connectors.vllm_specs import LoadSpec
 from kvstore.triton_kernels import scatter
 
 if TYPE_CHECKING:

@@ -10,27 +10,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorWorkerMetadata,
 )
 
-
-@dataclass
-class LoadSpec:
-    """Load the cached prefix ``token_ids`` into ``block_ids``, skipping the
-    first ``skip_tokens`` (already in vLLM's own prefix cache)."""
-
-    req_id: str
-    token_ids: list[int]
-    block_ids: list[int]
-    skip_tokens: int
-
-
-@dataclass
-class SaveSpec:
-    """Save the whole chunks ``token_ids`` from ``block_ids``: layer by layer
-    during this step's forward, or all layers at once for a finished request."""
-
-    req_id: str
-    token_ids: list[int]
-    block_ids: list[int]
-    finished: bool
+from kvstore.connectors.vllm_specs import LoadSpec, SaveSpec
 
 
 @dataclass
@@ -55,4 +35,4 @@ class KVStoreWorkerMetadata(KVConnectorWorkerMetadata):
         return self
 
 
-__all__ = ["KVStoreConnectorMetadata", "KVStoreWorkerMetadata", "LoadSpec", "SaveSpec"]
+__all__ = ["KVStoreConnectorMetadata", "KVStoreWorkerMetadata"]

@@ -12,7 +12,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-from kvstore.connectors.vllm_metadata import SaveSpec
+from kvstore.connectors.vllm_specs import SaveSpec
 
 log = logging.getLogger("kvstore.connectors.vllm")
 

@@ -10,12 +10,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from kvstore.connectors.vllm_lookup import LookupClient, local_lookup
-from kvstore.connectors.vllm_metadata import (
-    KVStoreConnectorMetadata,
-    KVStoreWorkerMetadata,
-    LoadSpec,
-    SaveSpec,
-)
+from kvstore.connectors.vllm_metadata import KVStoreConnectorMetadata, KVStoreWorkerMetadata
+from kvstore.connectors.vllm_specs import LoadSpec, SaveSpec
 
 if TYPE_CHECKING:
     from vllm.v1.core.sched.output import SchedulerOutput
