@@ -19,6 +19,8 @@ class KVStoreConnectorMetadata(KVConnectorMetadata):
 
     loads: list[LoadSpec] = field(default_factory=list)
     saves: list[SaveSpec] = field(default_factory=list)
+    finished: list[str] = field(default_factory=list)
+    """Requests that finished: the workers forget their keys after this step's saves."""
 
 
 @dataclass

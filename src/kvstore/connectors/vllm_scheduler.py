@@ -57,6 +57,7 @@ class SchedulerSide:
         self._tracked: dict[str, _Tracked] = {}
         self._allocated: dict[str, tuple[int, int]] = {}
         self._finished_saves: list[SaveSpec] = []
+        self._finished: list[str] = []
         self._awaiting_free: set[str] = set()
         self._client: LookupClient | None = None
 
@@ -66,17 +67,17 @@ class SchedulerSide:
             tracked = self._tracked[request.request_id] = _Tracked(request)
         return tracked
 
-    def _lookup(self, tokens: list[int]) -> int:
+    def _lookup(self, req_id: str, tokens: list[int]) -> int:
         array = np.asarray(tokens, dtype="<i4")
         local = local_lookup(self._connector._address)
         if local is not None:
-            return local(array)
+            return local(req_id, array)
         if self._client is None:
             options = self._connector._options
             self._client = LookupClient(
                 self._connector._address, self._connector._authkey, options.lookup_timeout_s
             )
-        return self._client.lookup(array)
+        return self._client.lookup(req_id, array)
 
     def matched(self, request: Request, num_computed_tokens: int) -> int | None:
         """External tokens: the store's cached whole chunks past ``num_computed_tokens``;
@@ -87,8 +88,9 @@ class SchedulerSide:
         limit: int = (request.num_tokens - 1) // self._chunk * self._chunk
         if limit <= num_computed_tokens:
             return 0
-        tokens = list(request.all_token_ids[:limit])
-        hit = min(self._lookup(tokens), limit)
+        whole = request.num_tokens // self._chunk * self._chunk
+        tokens = list(request.all_token_ids[:whole])
+        hit = min(self._lookup(request.request_id, tokens), limit)
         for spec in self._finished_saves:
             saved = len(spec.token_ids)
             if hit < saved <= limit and tokens[:saved] == spec.token_ids:
@@ -97,6 +99,7 @@ class SchedulerSide:
         log.debug("kvstore: %s: %d of %d tokens cached", request.request_id, hit, limit)
         tracked = self.track(request)
         tracked.hit = hit
+        tracked.stored = max(tracked.stored, hit)
         return max(0, hit - num_computed_tokens)
 
     def allocated(self, request: Request, num_external_tokens: int) -> None:
@@ -124,7 +127,9 @@ class SchedulerSide:
                 tracked.block_ids.extend(new_blocks[0])
             self._plan(tracked, cached.num_computed_tokens[index], output, metadata)
         metadata.saves.extend(self._finished_saves)
+        metadata.finished = self._finished
         self._finished_saves = []
+        self._finished = []
         return metadata
 
     def _plan(
@@ -161,6 +166,7 @@ class SchedulerSide:
                     req_id,
                     list(request.prompt_token_ids[:whole]),
                     tracked.block_ids[: whole // self._block],
+                    start=tracked.stored,
                     finished=False,
                 )
             )
@@ -186,6 +192,7 @@ class SchedulerSide:
         self._allocated.pop(request.request_id, None)
         if tracked is None:
             return False, None
+        self._finished.append(request.request_id)
         params = {
             "kvstore_hit_tokens": tracked.hit,
             "kvstore_loaded_tokens": tracked.hit if tracked.loaded is None else tracked.loaded,
@@ -203,6 +210,7 @@ class SchedulerSide:
                 request.request_id,
                 list(request.all_token_ids[:whole]),
                 list(block_ids[: whole // self._block]),
+                start=tracked.stored,
                 finished=True,
             )
         )

@@ -22,12 +22,15 @@ class LoadSpec:
 
 @dataclass
 class SaveSpec:
-    """Save the whole chunks ``token_ids`` from ``block_ids``: layer by layer
-    during this step's forward, or all layers at once for a finished request."""
+    """Save the whole chunks of ``token_ids`` from ``start`` on (the chunks before
+    it are stored already), out of ``block_ids`` (the request's blocks from its
+    first token): layer by layer during this step's forward, or all layers at
+    once for a finished request."""
 
     req_id: str
     token_ids: list[int]
     block_ids: list[int]
+    start: int
     finished: bool
 
 

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import logging
-from concurrent.futures import wait
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -15,21 +13,16 @@ from vllm.platforms import current_platform
 
 from kvstore.connectors.config import store_namespace
 from kvstore.connectors.stores import shared_stores
+from kvstore.connectors.vllm_keys import RequestKeys
 from kvstore.connectors.vllm_load import LoadJob
 from kvstore.connectors.vllm_lookup import LookupServer, register_local, unregister_local
-from kvstore.connectors.vllm_metadata import (
-    KVStoreConnectorMetadata,
-    KVStoreWorkerMetadata,
-    SaveSpec,
-)
-from kvstore.connectors.vllm_paged import Backend, block_slots, layer_cache, layer_order
-from kvstore.connectors.vllm_saves import InflightSaves, PendingSave, log_save
+from kvstore.connectors.vllm_metadata import KVStoreConnectorMetadata, KVStoreWorkerMetadata
+from kvstore.connectors.vllm_paged import Backend, layer_cache, layer_order
+from kvstore.connectors.vllm_saves import Saves
+from kvstore.connectors.vllm_transfer import Transfer
 from kvstore.connectors.weights import weights_revision
 from kvstore.errors import NotSupportedError
 from kvstore.layout import DTYPE_NAMES, KVLayout
-from kvstore.store import KVStore
-from kvstore.sync import shared_loop
-from kvstore.triton_kernels import PagedKVCache, gather
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -45,32 +38,27 @@ class WorkerSide:
     def __init__(self, connector: KVStoreConnector, vllm_config: VllmConfig) -> None:
         self._connector = connector
         self._config = vllm_config
-        self.block_size = connector._block_size
-        self.caches: list[PagedKVCache] = []
         self.index: dict[str, int] = {}
-        self.device = torch.device("cpu")
-        self._store: KVStore | None = None
-        self._layout: KVLayout | None = None
-        self._save_slots: dict[str, torch.Tensor] = {}
+        self._transfer: Transfer | None = None
+        self._saves: Saves | None = None
         self._server: LookupServer | None = None
         self._job: LoadJob | None = None
-        self._pending: dict[str, PendingSave] = {}
-        self._inflight = InflightSaves()
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="kvstore-vllm-read")
         self._load_errors: set[int] = set()
         self._loads: dict[str, tuple[int, int]] = {}
         self._sent: set[str] = set()
 
     @property
-    def store(self) -> KVStore:
-        if self._store is None:
+    def transfer(self) -> Transfer:
+        if self._transfer is None:
             raise NotSupportedError("vLLM has not registered its KV caches with kvstore yet")
-        return self._store
+        return self._transfer
 
     @property
-    def layout(self) -> KVLayout:
-        if self._layout is None:
+    def saves(self) -> Saves:
+        if self._saves is None:
             raise NotSupportedError("vLLM has not registered its KV caches with kvstore yet")
-        return self._layout
+        return self._saves
 
     def _backend(self) -> Backend:
         if current_platform.is_cpu():
@@ -90,19 +78,19 @@ class WorkerSide:
             )
         names = layer_order(list(kv_caches), {n: extract_layer_index(n) for n in kv_caches})
         backend = self._backend()
-        self.caches = [layer_cache(kv_caches[name], backend) for name in names]
+        caches = [layer_cache(kv_caches[name], backend) for name in names]
         self.index = {name: position for position, name in enumerate(names)}
-        first = self.caches[0]
-        if first.block_size != self.block_size:
+        first = caches[0]
+        block_size = self._connector._block_size
+        if first.block_size != block_size:
             raise NotSupportedError(
                 f"vLLM's kernel block size {first.block_size} differs from its block size "
-                f"{self.block_size}; kvstore needs them equal"
+                f"{block_size}; kvstore needs them equal"
             )
         if backend == "cpu":
             _check_cpu_layout(kv_caches[names[0]], self._config.cache_config.cache_dtype)
-        self.device = first.device
-        self._layout = KVLayout(
-            num_layers=len(self.caches),
+        layout = KVLayout(
+            num_layers=len(caches),
             num_kv_heads=first.num_heads,
             head_dim=first.head_dim,
             dtype=DTYPE_NAMES[first.dtype],
@@ -116,43 +104,58 @@ class WorkerSide:
             options.store,
             model=options.model_name or model.model,
             revision=options.model_revision or weights_revision(model.model, model.revision),
-            layout=self.layout,
+            layout=layout,
             tp_rank=rank,
             tp_size=parallel.tensor_parallel_size,
         )
-        self._store = shared_stores.acquire(options.store, namespace, control=rank == 0)
+        store = shared_stores.acquire(options.store, namespace, control=rank == 0)
+        self._transfer = Transfer(
+            store=store,
+            keys=RequestKeys(store, options.store.chunk_tokens),
+            caches=caches,
+            layout=layout,
+            block_size=block_size,
+            chunk_tokens=options.store.chunk_tokens,
+            device=first.device,
+        )
+        self._saves = Saves(self._transfer, options.max_inflight_save_bytes)
         if rank == 0:
             address = self._connector._address
             register_local(address, self._lookup)
             self._server = LookupServer(address, self._connector._authkey, self._lookup)
         log.info(
             "kvstore connector: %d layers (%s backend), %s, chunks of %d tokens, tiers %s",
-            len(self.caches),
+            len(caches),
             backend,
-            self.layout,
+            layout,
             options.store.chunk_tokens,
-            [tier.name for tier in self.store.tiers],
+            [tier.name for tier in store.tiers],
         )
 
-    def _lookup(self, tokens: npt.NDArray[np.int32]) -> int:
-        """The store's cached prefix, after any save still writing a longer prefix of it.
+    def _lookup(self, req_id: str, tokens: npt.NDArray[np.int32]) -> int:
+        """The store's cached prefix of request ``req_id``'s ``tokens``, after any save
+        still writing a longer prefix of it.
 
         The running saves are listed before the store is asked, so a save that
         finishes in between is either seen by the lookup or waited for.
         """
-        running = self._inflight.prefixes_of(tokens)
-        hit = self.store.lookup(tokens).tokens
+        transfer = self.transfer
+        keys = transfer.keys.of(req_id, tokens)
+        if not keys:
+            return 0
+        running = self.saves.inflight.prefixes_of(keys)
+        hit = len(transfer.store.locate(keys))
         longer = [future for future, saved in running if saved > hit]
-        if not longer:
-            return hit
-        wait(longer)
-        return self.store.lookup(tokens).tokens
+        if longer:
+            wait(longer)
+            hit = len(transfer.store.locate(keys))
+        return hit * transfer.chunk_tokens
 
     # ------------------------------------------------------------------ loads
 
     def start_load(self, metadata: KVStoreConnectorMetadata) -> None:
         if metadata.loads:
-            self._job = LoadJob(self, metadata.loads)
+            self._job = LoadJob(self.transfer, metadata.loads, self._reader)
 
     def wait_layer(self, layer_name: str) -> None:
         if self._job is not None and layer_name in self.index:
@@ -176,81 +179,22 @@ class WorkerSide:
 
     # ------------------------------------------------------------------ saves
 
-    def _new_pending(self, spec: SaveSpec) -> PendingSave:
-        tokens = len(spec.token_ids)
-        kv = torch.empty(
-            self.layout.shape(tokens), dtype=self.layout.torch_dtype, device=self.device
-        )
-        return PendingSave(spec, kv)
-
-    def _gather(self, pending: PendingSave, layer: int) -> None:
-        """Copy one layer of a save out of vLLM's cache; a failure drops the save, logged."""
-        spec = pending.spec
-        try:
-            slots = self._save_slots.get(spec.req_id)
-            if slots is None:
-                slots = block_slots(spec.block_ids, self.block_size, 0, len(spec.token_ids))
-                slots = self._save_slots[spec.req_id] = slots.to(self.device)
-            gather(self.caches[layer], slots, out=pending.kv[layer : layer + 1])
-        except Exception:
-            log.exception(
-                "kvstore: copying %s out of vLLM's cache failed; not saving it", spec.req_id
-            )
-            pending.failed = True
-        pending.layers.add(layer)
-
     def save_layer(self, metadata: KVStoreConnectorMetadata, layer_name: str) -> None:
         layer = self.index.get(layer_name)
-        if layer is None:
-            return
-        for spec in metadata.saves:
-            if spec.finished:
-                continue
-            pending = self._pending.get(spec.req_id)
-            if pending is None:
-                pending = self._pending[spec.req_id] = self._new_pending(spec)
-            if not pending.failed:
-                self._gather(pending, layer)
+        if layer is not None and metadata.saves:
+            self.saves.gather_layer(metadata.saves, layer)
 
     def finish_step(self, metadata: KVStoreConnectorMetadata) -> None:
-        """End of a step: finish loads, copy out finished requests (whose blocks
-        vLLM keeps until ``get_finished`` reports them), hand saves to the store."""
+        """End of a step: finish loads, hand saves to the store, forget the keys of
+        requests that finished."""
         self._finish_load()
-        saves = list(self._pending.values())
-        self._pending = {}
-        for spec in metadata.saves:
-            if spec.finished:
-                pending = self._new_pending(spec)
-                for layer in range(len(self.caches)):
-                    if not pending.failed:
-                        self._gather(pending, layer)
-                saves.append(pending)
-                self._sent.add(spec.req_id)
-        self._save_slots.clear()
-        for pending in saves:
-            if pending.failed:
-                continue
-            if len(pending.layers) != len(self.caches):
-                log.warning(
-                    "kvstore: %s: only %d of %d layers were saved this step; not storing it",
-                    pending.spec.req_id,
-                    len(pending.layers),
-                    len(self.caches),
-                )
-                continue
-            self._submit(pending.spec, pending.kv.cpu())
+        if self._saves is None:
+            return
+        self._sent |= self._saves.submit(metadata.saves)
+        self.transfer.keys.forget(metadata.finished)
         if self._connector._options.blocking_save:
-            self._inflight.drain(0)
-            self.store.flush()
-
-    def _submit(self, spec: SaveSpec, kv: torch.Tensor) -> None:
-        size = kv.numel() * kv.element_size()
-        self._inflight.drain(self._connector._options.max_inflight_save_bytes - size)
-        future = asyncio.run_coroutine_threadsafe(
-            self.store.async_store.store(spec.token_ids, kv), shared_loop().loop
-        )
-        future.add_done_callback(functools.partial(log_save, spec.req_id))
-        self._inflight.add(future, np.asarray(spec.token_ids, dtype="<i4"), size)
+            self._saves.inflight.drain(0)
+            self.transfer.store.flush()
 
     def finished_sending(self) -> set[str] | None:
         """Finished requests whose blocks were copied out this step: vLLM may free them."""
@@ -269,13 +213,15 @@ class WorkerSide:
 
     def close(self) -> None:
         self._finish_load()
-        self._inflight.drain(0)
+        self._reader.shutdown()
+        if self._saves is not None:
+            self._saves.inflight.drain(0)
         if self._server is not None:
             unregister_local(self._server.address)
             self._server.close()
             self._server = None
-        if self._store is not None:
-            store, self._store = self._store, None
+        if self._transfer is not None:
+            store, self._transfer, self._saves = self._transfer.store, None, None
             shared_stores.release(store)
 
 
