@@ -10,14 +10,17 @@ vLLM loads it from its module path::
 Scheduler side: for each new request the store's longest cached prefix of the
 prompt (whole chunks, at most all tokens but the last) becomes vLLM's external
 hit, loaded synchronously before the request's first forward. The prompt's
-whole chunks are saved in the step its prefill completes; when a request
-finishes, the chunks its generated tokens completed are saved too (its blocks
-stay allocated until the worker has copied them out).
+whole chunks not stored yet are saved in the step its prefill completes; when
+a request finishes, the chunks its generated tokens completed are saved too
+(its blocks stay allocated until the worker has copied them out).
 
-Worker side: loads run on a thread that retrieves every hit from the store and
-scatters it layer by layer while the forward pass waits for each layer in
-turn; saves gather each layer right after its attention ran and hand the
-chunks to the store, whose writes run in the background. A chunk that cannot
+Worker side (``vllm_worker``): a request's chunk keys are hashed once and
+shared by its lookup, load and saves (``vllm_keys``); loads read the hits in
+batches on one thread and scatter each into the paged cache on another,
+releasing the layers of the last batch one by one to the forward pass
+(``vllm_load``); saves gather each layer right after its attention ran and
+hand the chunks to the store, whose writes run in the background
+(``vllm_saves``). A chunk that cannot
 be loaded or verified is reported through ``get_block_ids_with_load_errors``
 so vLLM recomputes it instead of using it (with ``kv_load_failure_policy``
 ``recompute``; vLLM's default ``fail`` fails the request instead).
