@@ -28,6 +28,10 @@ the later ones, the tokens vLLM served from a cache, and throughput (generated
 tokens per second of wall time, all turns). ``--repeat`` runs the
 engines in turn that many times and reports the best of each time (the run
 least slowed by whatever else the machine runs), with medians in the JSON.
+Each repeat starts one engine later in the list (the first repeat runs them
+in order, the second starts with the second engine, ...): an engine started
+right after another runs its first turn slower, so with ``--repeat`` a
+multiple of the number of engines each engine takes each place equally often.
 """
 
 from __future__ import annotations
@@ -201,11 +205,12 @@ def main(argv: list[str]) -> int:
             max_positions=8192,
         )
         engines = [engine for engine in engine_plan(kv) if engine[0] in args.engines]
-        runs = [
-            [run_engine(name, model, config, caching, args) for name, config, caching in engines]
-            for _ in range(args.repeat)
-        ]
-    results = [best_run([run[index] for run in runs]) for index in range(len(engines))]
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in engines}
+        for repeat in range(args.repeat):
+            shift = repeat % len(engines)
+            for name, config, caching in engines[shift:] + engines[:shift]:
+                runs[name].append(run_engine(name, model, config, caching, args))
+    results = [best_run(runs[name]) for name, _, _ in engines]
     print(
         f"\n{args.conversations} chats x {args.turns} turns, first prompt {args.prompt} tokens, "
         f"+{args.user} user / {args.output} generated tokens a turn; "
