@@ -7,15 +7,17 @@ Run it with the python of the vLLM environment (scripts/install-vllm)::
 
 It saves a Llama with seeded random weights (``--layers``, ``--hidden``;
 real weights, so the work is a real model's), then runs the same workload
-through three engines, one after another:
+through four engines, one after another (``--engines`` picks some):
 
 * ``vllm``: vLLM with its prefix cache off, so every turn prefills the whole
   conversation again;
-* ``vllm+kvstore``: the same engine with the kvstore connector (a ``cpu``
-  tier, or ``--tiers``): each turn loads the conversation so far from kvstore
-  and prefills only what is new;
 * ``vllm prefix cache``: vLLM's own in-memory prefix cache, for reference (it
-  hits as long as the conversations fit vLLM's KV memory and one engine lives).
+  hits as long as the conversations fit vLLM's KV memory and one engine lives);
+* ``vllm+kvstore``: vLLM with its prefix cache off and the kvstore connector
+  (a ``cpu`` tier, or ``--tiers``): each turn loads the conversation so far
+  from kvstore and prefills only what is new;
+* ``vllm+kvstore prefix cache``: both caches, as a deployment runs them: vLLM
+  serves what it still holds, kvstore the rest.
 
 The workload: ``--conversations`` chats run side by side for ``--turns``
 turns; a chat starts with a ``--prompt``-token prompt, each turn generates
@@ -23,9 +25,13 @@ turns; a chat starts with a ``--prompt``-token prompt, each turn generates
 tokens. Turn k of every chat is one batch. Per engine it reports the mean
 time to first token (from vLLM's request metrics) for the first turn and for
 the later ones, the tokens vLLM served from a cache, and throughput (generated
-tokens per second of wall time, all turns). ``--repeat`` runs the three
+tokens per second of wall time, all turns). ``--repeat`` runs the
 engines in turn that many times and reports the best of each time (the run
 least slowed by whatever else the machine runs), with medians in the JSON.
+Each repeat starts one engine later in the list (the first repeat runs them
+in order, the second starts with the second engine, ...): an engine started
+right after another runs its first turn slower, so with ``--repeat`` a
+multiple of the number of engines each engine takes each place equally often.
 """
 
 from __future__ import annotations
@@ -115,6 +121,16 @@ def run_engine(
     }
 
 
+def engine_plan(kv: dict[str, Any] | None) -> list[tuple[str, dict[str, Any] | None, bool]]:
+    """Each engine: its name, its kvstore connector config (None: none), vLLM's prefix cache."""
+    return [
+        ("vllm", None, False),
+        ("vllm prefix cache", None, True),
+        ("vllm+kvstore", kv, False),
+        ("vllm+kvstore prefix cache", kv, True),
+    ]
+
+
 def best_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """One engine's figures over repeated runs: the best (least disturbed) of each
     time, the median next to it, and every run."""
@@ -147,9 +163,18 @@ def main(argv: list[str]) -> int:
         default=1,
         help="run the engines this many times, in turn; report the best",
     )
+    parser.add_argument(
+        "--engines",
+        type=lambda names: [name.strip() for name in names.split(",")],
+        default=[name for name, _, _ in engine_plan(None)],
+        help="comma-separated engine names to run (default: all four)",
+    )
     parser.add_argument("--quick", action="store_true", help="a small run, to check it works")
     parser.add_argument("--json", type=Path, help="write the results here")
     args = parser.parse_args(argv)
+    unknown = set(args.engines) - {name for name, _, _ in engine_plan(None)}
+    if unknown:
+        parser.error(f"unknown engines {sorted(unknown)}")
     if args.quick:
         args.conversations, args.turns, args.prompt, args.user, args.output = 2, 2, 384, 64, 8
         args.layers, args.hidden, args.heads = 2, 128, 4
@@ -179,16 +204,13 @@ def main(argv: list[str]) -> int:
             std=0.05,
             max_positions=8192,
         )
-        engines = [
-            ("vllm", None, False),
-            ("vllm+kvstore", kv, False),
-            ("vllm prefix cache", None, True),
-        ]
-        runs = [
-            [run_engine(name, model, config, caching, args) for name, config, caching in engines]
-            for _ in range(args.repeat)
-        ]
-    results = [best_run([run[index] for run in runs]) for index in range(len(engines))]
+        engines = [engine for engine in engine_plan(kv) if engine[0] in args.engines]
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _, _ in engines}
+        for repeat in range(args.repeat):
+            shift = repeat % len(engines)
+            for name, config, caching in engines[shift:] + engines[:shift]:
+                runs[name].append(run_engine(name, model, config, caching, args))
+    results = [best_run(runs[name]) for name, _, _ in engines]
     print(
         f"\n{args.conversations} chats x {args.turns} turns, first prompt {args.prompt} tokens, "
         f"+{args.user} user / {args.output} generated tokens a turn; "

@@ -30,6 +30,7 @@ import os
 import subprocess
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,10 @@ from prerequisites import missing
 from redis_server import RedisServer, redis_available
 
 from kvstore.config import StoreConfig
+from kvstore.connectors import vllm_load, vllm_saves
 from kvstore.connectors.config import store_config
+from kvstore.connectors.vllm_keys import RequestKeys
+from kvstore.connectors.vllm_load import LoadJob
 from kvstore.connectors.vllm_lookup import (
     LookupClient,
     LookupServer,
@@ -55,8 +59,14 @@ from kvstore.connectors.vllm_paged import (
     layer_cache,
     layer_order,
 )
+from kvstore.connectors.vllm_saves import Saves
+from kvstore.connectors.vllm_specs import LoadSpec, SaveSpec
+from kvstore.connectors.vllm_transfer import Transfer
 from kvstore.connectors.weights import weights_revision
 from kvstore.errors import ConfigError, InvalidArgumentError
+from kvstore.layout import KVLayout
+from kvstore.results import StoreResult
+from kvstore.store import KVStore
 from kvstore.triton_kernels import gather, scatter
 
 REPO = Path(__file__).resolve().parents[1]
@@ -135,49 +145,49 @@ def test_view_and_slot_errors_are_typed() -> None:
 
 
 def test_lookup_server_answers_over_its_socket(tmp_path: Path) -> None:
-    asked: list[list[int]] = []
+    asked: list[tuple[str, list[int]]] = []
 
-    def lookup(tokens: np.ndarray[Any, Any]) -> int:
-        asked.append(tokens.tolist())
+    def lookup(req_id: str, tokens: np.ndarray[Any, Any]) -> int:
+        asked.append((req_id, tokens.tolist()))
         return len(tokens) // 2
 
     address = str(tmp_path / "lookup.sock")
     server = LookupServer(address, b"key", lookup)
     client = LookupClient(address, b"key", timeout_s=5)
     try:
-        assert client.lookup(np.arange(10, dtype=np.int32)) == 5
-        assert client.lookup(np.array([7, 8], dtype=np.int32)) == 1
-        assert asked == [list(range(10)), [7, 8]]
-        assert LookupClient(address, b"wrong key", timeout_s=1).lookup(np.arange(4)) == 0
+        assert client.lookup("req-1", np.arange(10, dtype=np.int32)) == 5
+        assert client.lookup("réq-2", np.array([7, 8], dtype=np.int32)) == 1
+        assert asked == [("req-1", list(range(10))), ("réq-2", [7, 8])]
+        assert LookupClient(address, b"wrong key", timeout_s=1).lookup("r", np.arange(4)) == 0
     finally:
         client.close()
         server.close()
     assert not Path(address).exists()
     started = time.monotonic()
-    assert LookupClient(address, b"key", timeout_s=0.5).lookup(np.arange(4)) == 0
+    assert LookupClient(address, b"key", timeout_s=0.5).lookup("r", np.arange(4)) == 0
     assert time.monotonic() - started < 3
 
 
 def test_failing_lookup_is_a_miss(tmp_path: Path) -> None:
-    def broken(tokens: np.ndarray[Any, Any]) -> int:
+    def broken(req_id: str, tokens: np.ndarray[Any, Any]) -> int:
         raise OSError("tier down")
 
     address = str(tmp_path / "lookup.sock")
     server = LookupServer(address, b"key", broken)
     client = LookupClient(address, b"key", timeout_s=5)
     try:
-        assert client.lookup(np.arange(4, dtype=np.int32)) == 0
+        assert client.lookup("r", np.arange(4, dtype=np.int32)) == 0
     finally:
         client.close()
         server.close()
 
 
 def test_local_lookups_are_per_address() -> None:
-    register_local("a", lambda tokens: 128)
+    register_local("a", lambda req_id, tokens: 128)
     try:
         found = local_lookup("a")
         assert found is not None
-        assert found(np.arange(3, dtype=np.int32)) == 128
+        assert found("r", np.arange(3, dtype=np.int32)) == 128
         assert local_lookup("b") is None
     finally:
         unregister_local("a")
@@ -233,6 +243,141 @@ def test_weights_revision_tracks_local_weights(tmp_path: Path) -> None:
         weights_revision(str(empty), None)
     with pytest.raises(ConfigError, match="model_revision"):
         weights_revision("no-such-org/no-such-model", None)
+
+
+# ------------------------------------------------- worker loads and saves
+
+WORKER_LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=16, dtype="float32")
+WORKER_BLOCK = 16
+WORKER_CHUNK = 32
+"""Two blocks a chunk, so a chunk's tokens sit in blocks far apart."""
+
+
+@pytest.fixture
+def transfer() -> Iterator[Transfer]:
+    """A real cpu-tier store and two layers of vLLM's CPU cache of random KV."""
+    config = StoreConfig.from_urls("cpu://?capacity=64MiB").model_copy(
+        update={"chunk_tokens": WORKER_CHUNK}
+    )
+    namespace = config.namespace(model="m", revision="r", layout=WORKER_LAYOUT)
+    store = KVStore.open(config, namespace)
+    generator = torch.Generator().manual_seed(3)
+    layers = [torch.randn((16, 2, WORKER_BLOCK, 32), generator=generator) for _ in range(2)]
+    try:
+        yield Transfer(
+            store=store,
+            keys=RequestKeys(store, WORKER_CHUNK),
+            caches=[layer_cache(layer, "cpu") for layer in layers],
+            layout=WORKER_LAYOUT,
+            block_size=WORKER_BLOCK,
+            chunk_tokens=WORKER_CHUNK,
+            device=torch.device("cpu"),
+        )
+    finally:
+        store.close()
+
+
+def _save(transfer: Transfer, spec: SaveSpec) -> set[str]:
+    """Run one step's save of ``spec`` (layer by layer unless finished) to the end."""
+    saves = Saves(transfer, 1 << 30)
+    for layer in range(len(transfer.caches)):
+        saves.gather_layer([spec], layer)
+    sent = saves.submit([spec])
+    saves.inflight.drain(0)
+    return sent
+
+
+def _cached_kv(transfer: Transfer, block_ids: list[int], tokens: int) -> torch.Tensor:
+    slots = block_slots(block_ids, WORKER_BLOCK, 0, tokens)
+    return torch.cat([gather(cache, slots) for cache in transfer.caches])
+
+
+def test_a_request_hashes_its_keys_once(
+    transfer: Transfer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    hashed: list[int] = []
+    real_keys = transfer.store.keys
+
+    def counting_keys(tokens: Any) -> list[bytes]:
+        hashed.append(len(tokens))
+        return real_keys(tokens)
+
+    monkeypatch.setattr(transfer.store, "keys", counting_keys)
+    tokens = list(range(100, 100 + 4 * WORKER_CHUNK + 5))
+    keys = transfer.keys.of("r1", tokens)
+    assert keys == real_keys(tokens)
+    assert transfer.keys.of("r1", tokens[: 3 * WORKER_CHUNK]) == keys[:3]
+    _save(transfer, SaveSpec("r1", tokens[: 4 * WORKER_CHUNK], list(range(8)), 0, False))
+    assert hashed == [4 * WORKER_CHUNK]
+    assert len(transfer.store.locate(keys)) == 4
+    longer = [*tokens, *range(WORKER_CHUNK)]
+    assert transfer.keys.of("r1", longer) == real_keys(longer)
+    assert len(hashed) == 2
+    other = [token + 1 for token in tokens]
+    assert transfer.keys.of("r1", other) == real_keys(other)
+    transfer.keys.forget(["r1"])
+    transfer.keys.of("r1", other)
+    assert len(hashed) == 4
+
+
+def test_a_save_copies_out_only_the_chunks_not_stored(
+    transfer: Transfer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    gathered: list[int] = []
+    submitted: list[StoreResult] = []
+    real_gather = vllm_saves.gather
+    real_submit = transfer.store.submit_store_chunks
+
+    def counting_gather(cache: Any, slots: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        gathered.append(len(slots))
+        return real_gather(cache, slots, **kwargs)
+
+    def recording_submit(keys: Any, chunks: Any) -> Any:
+        future = real_submit(keys, chunks)
+        future.add_done_callback(lambda done: submitted.append(done.result()))
+        return future
+
+    monkeypatch.setattr(vllm_saves, "gather", counting_gather)
+    monkeypatch.setattr(transfer.store, "submit_store_chunks", recording_submit)
+    tokens = list(range(4 * WORKER_CHUNK))
+    blocks = [5, 3, 7, 1, 0, 2, 4, 6]
+    _save(transfer, SaveSpec("r1", tokens[: 2 * WORKER_CHUNK], blocks[:4], 0, False))
+    assert gathered == [2 * WORKER_CHUNK] * 2
+    gathered.clear()
+    assert _save(transfer, SaveSpec("r1", tokens, blocks, 2 * WORKER_CHUNK, True)) == {"r1"}
+    assert gathered == [2 * WORKER_CHUNK] * 2
+    assert [(r.chunks, r.written, r.already_cached) for r in submitted] == [(2, 2, 0)] * 2
+    loaded = transfer.store.retrieve(tokens)
+    assert loaded.tokens == 4 * WORKER_CHUNK
+    assert loaded.kv is not None
+    assert torch.equal(loaded.kv, _cached_kv(transfer, blocks, 4 * WORKER_CHUNK))
+
+
+def test_loads_read_past_vllms_hit_in_batches_and_stop_at_a_miss(
+    transfer: Transfer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(vllm_load, "BATCH_BYTES", WORKER_LAYOUT.nbytes(WORKER_CHUNK))
+    tokens = list(range(4 * WORKER_CHUNK))
+    source = [5, 3, 7, 1, 0, 2, 4, 6]
+    _save(transfer, SaveSpec("r1", tokens[: 3 * WORKER_CHUNK], source[:6], 0, False))
+    expected = _cached_kv(transfer, source, 3 * WORKER_CHUNK)
+    target = [8, 15, 9, 14, 10, 13, 11, 12]
+    zeros = torch.zeros((1, *WORKER_LAYOUT.shape(4 * WORKER_CHUNK)[1:]))
+    for cache in transfer.caches:
+        scatter(zeros, cache, block_slots(target, WORKER_BLOCK, 0, 4 * WORKER_CHUNK))
+    hits = transfer.store.tiers[0].stats.hits
+    skip = WORKER_CHUNK + WORKER_BLOCK
+    with ThreadPoolExecutor(1) as reader:
+        job = LoadJob(transfer, [LoadSpec("r2", tokens, target, skip)], reader)
+        for layer in range(len(transfer.caches)):
+            job.wait_layer(layer)
+        job.join()
+    assert transfer.store.tiers[0].stats.hits - hits == 2
+    assert job.results == {"r2": (4 * WORKER_CHUNK, 3 * WORKER_CHUNK)}
+    assert job.failed_blocks == set(target[6:])
+    after = _cached_kv(transfer, target, 3 * WORKER_CHUNK)
+    assert torch.equal(after[:, :, skip:], expected[:, :, skip:])
+    assert not after[:, :, :skip].any()
 
 
 # --------------------------------------------------------------- end to end

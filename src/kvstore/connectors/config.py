@@ -21,28 +21,11 @@ from typing import Any
 
 from kvstore.config import ConfigSource, StoreConfig
 from kvstore.errors import ConfigError
-from kvstore.keys import Namespace
-from kvstore.layout import KVLayout
 
 
 def store_config(source: object, *, option: str = "config") -> StoreConfig:
     """``StoreConfig.load``: the store config ``source`` names, in any accepted form."""
     return StoreConfig.load(source, option=option)
-
-
-def store_namespace(
-    config: StoreConfig,
-    *,
-    model: str,
-    revision: str,
-    layout: KVLayout,
-    tp_rank: int = 0,
-    tp_size: int = 1,
-) -> Namespace:
-    """``StoreConfig.namespace``: the namespace a connector opens a store under."""
-    return config.namespace(
-        model=model, revision=revision, layout=layout, tp_rank=tp_rank, tp_size=tp_size
-    )
 
 
 def text_option(options: Mapping[str, Any], name: str) -> str:
@@ -53,4 +36,4 @@ def text_option(options: Mapping[str, Any], name: str) -> str:
     return value
 
 
-__all__ = ["ConfigSource", "store_config", "store_namespace", "text_option"]
+__all__ = ["ConfigSource", "store_config", "text_option"]

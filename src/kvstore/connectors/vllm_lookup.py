@@ -26,12 +26,14 @@ import numpy.typing as npt
 
 log = logging.getLogger("kvstore.connectors.vllm")
 
-Lookup = Callable[[npt.NDArray[np.int32]], int]
-"""Cached prefix length in tokens for a prompt's token ids."""
+Lookup = Callable[[str, npt.NDArray[np.int32]], int]
+"""Cached prefix length in tokens of a request's token ids, given the request's id."""
 
 _local: dict[str, Lookup] = {}
 _local_lock = threading.Lock()
 _ANSWER = struct.Struct("<q")
+_ID_LENGTH = struct.Struct("<I")
+"""A question is the request id's length, the id (UTF-8), then the token ids (int32)."""
 
 
 def register_local(address: str, lookup: Lookup) -> None:
@@ -92,9 +94,12 @@ class LookupServer:
                     request = connection.recv_bytes()
                 except (EOFError, OSError):
                     return
-                tokens = np.frombuffer(request, dtype="<i4")
                 try:
-                    answer = self._lookup(tokens)
+                    (length,) = _ID_LENGTH.unpack_from(request)
+                    start = _ID_LENGTH.size
+                    req_id = request[start : start + length].decode()
+                    tokens = np.frombuffer(request, dtype="<i4", offset=start + length)
+                    answer = self._lookup(req_id, tokens)
                 except Exception:
                     log.warning("kvstore lookup failed; answering a miss", exc_info=True)
                     answer = 0
@@ -138,13 +143,18 @@ class LookupClient:
                     raise
                 time.sleep(0.05)
 
-    def lookup(self, tokens: npt.NDArray[np.int32]) -> int:
-        """Cached prefix length of ``tokens``; 0 when the worker cannot be asked."""
+    def lookup(self, req_id: str, tokens: npt.NDArray[np.int32]) -> int:
+        """Cached prefix length of request ``req_id``'s ``tokens``; 0 when the worker
+        cannot be asked."""
+        name = req_id.encode()
+        question = b"".join(
+            (_ID_LENGTH.pack(len(name)), name, np.ascontiguousarray(tokens, dtype="<i4").tobytes())
+        )
         with self._lock:
             try:
                 if self._connection is None:
                     self._connection = self._connect()
-                self._connection.send_bytes(np.ascontiguousarray(tokens, dtype="<i4").tobytes())
+                self._connection.send_bytes(question)
                 if not self._connection.poll(self._timeout_s):
                     raise TimeoutError(f"no answer within {self._timeout_s} s")
                 (answer,) = _ANSWER.unpack(self._connection.recv_bytes())

@@ -164,9 +164,9 @@ class AsyncKVStore(HealthReports):
     async def locate(self, keys: Sequence[bytes]) -> ChunkTiers:
         """The tier of each chunk of the cached prefix of ``keys`` (from ``named_keys``)."""
         located = await self._locate(self._own_keys(keys))
-        self.metrics.count_prefix(
-            "locate", len(keys) * self.chunk_tokens, len(located) * self.chunk_tokens
-        )
+        asked, found = len(keys) * self.chunk_tokens, len(located) * self.chunk_tokens
+        self.metrics.count_prefix("locate", asked, found)
+        self._counters.note_lookup(asked, found)
         return ChunkTiers((self.tiers[t].name for t in located), self.chunk_tokens)
 
     @timed("lookup")

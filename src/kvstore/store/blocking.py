@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
+from concurrent.futures import Future
 from typing import Any
 
 import torch
@@ -95,6 +97,20 @@ class KVStore:
 
     def store_chunks(self, keys: Sequence[bytes], chunks: Sequence[torch.Tensor]) -> StoreResult:
         return self._loop.run(self._store.store_chunks(keys, chunks))
+
+    def submit_store_chunks(
+        self, keys: Sequence[bytes], chunks: Sequence[torch.Tensor]
+    ) -> Future[StoreResult]:
+        """Start ``store_chunks`` on the loop thread and return at once, with a future
+        of its result.
+
+        For callers that must not wait for encoding and tier writes, such as an
+        engine's forward pass handing over the KV it just computed. The chunks
+        are read after this returns: leave them unchanged until the future is done.
+        """
+        return asyncio.run_coroutine_threadsafe(
+            self._store.store_chunks(keys, chunks), self._loop.loop
+        )
 
     def retrieve_chunks(self, keys: Sequence[bytes], outs: Sequence[torch.Tensor]) -> ChunkTiers:
         return self._loop.run(self._store.retrieve_chunks(keys, outs))

@@ -187,6 +187,7 @@ class ReadPipeline(WritePipeline):
             await self._load(keys, located, list(outs)) if located else (), self.chunk_tokens
         )
         self.metrics.count_prefix("retrieve_chunks", len(keys) * self.chunk_tokens, sources.tokens)
+        self._counters.note_retrieve(sources.tokens)
         return sources
 
     def _locate_to_read(self, keys: list[bytes]) -> list[int]:

@@ -1,0 +1,30 @@
+"""What a vLLM worker's loads and saves move KV between: the engine's paged
+caches and the store, with the keys both name a request's chunks by."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvstore.connectors.vllm_keys import RequestKeys
+from kvstore.layout import KVLayout
+from kvstore.store import KVStore
+from kvstore.triton_kernels import PagedKVCache
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """The store and keys on one side; on the other, the engine's layers in model
+    order (``caches``) with their block size and device."""
+
+    store: KVStore
+    keys: RequestKeys
+    caches: list[PagedKVCache]
+    layout: KVLayout
+    block_size: int
+    chunk_tokens: int
+    device: torch.device
+
+
+__all__ = ["Transfer"]
