@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 
-from kvstore.bench import main
+from kvstore.bench.command import main
 
 if __name__ == "__main__":
     sys.exit(main())

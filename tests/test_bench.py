@@ -11,8 +11,8 @@ import pytest
 from prerequisites import requires
 from redis_server import RedisServer, redis_available
 
-from kvstore import bench_lmcache
-from kvstore.bench import LAYOUTS
+from kvstore.bench import lmcache as bench_lmcache
+from kvstore.bench.rows import LAYOUTS
 from kvstore.cli import main
 
 TINY = ["--quick", "--chunks", "1", "--repeat", "1", "--warmup", "0"]

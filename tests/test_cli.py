@@ -60,8 +60,8 @@ def test_argument_errors_come_before_torch(args: list[str]) -> None:
 
 
 def test_bench_options_name_the_bench_layouts() -> None:
-    from kvstore.bench import LAYOUTS
-    from kvstore.bench_options import LAYOUT_NAMES
+    from kvstore.bench.options import LAYOUT_NAMES
+    from kvstore.bench.rows import LAYOUTS
 
     assert tuple(LAYOUTS) == LAYOUT_NAMES
 

@@ -68,14 +68,14 @@ def _cmd_conformance(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from kvstore.bench import run_bench
+    from kvstore.bench.command import run_bench
 
     code: int = run_bench(args)
     return code
 
 
 def _cmd_bench_codecs(args: argparse.Namespace) -> int:
-    from kvstore.bench_codecs import run_codec_bench
+    from kvstore.bench.codecs import run_codec_bench
 
     return run_codec_bench(args)
 
@@ -120,7 +120,7 @@ def _conformance_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _bench_arguments(parser: argparse.ArgumentParser) -> None:
-    from kvstore.bench_options import add_bench_arguments, add_codec_bench_arguments
+    from kvstore.bench.options import add_bench_arguments, add_codec_bench_arguments
 
     add_bench_arguments(parser)
     modes = parser.add_subparsers(dest="bench_mode", metavar="{codecs}")

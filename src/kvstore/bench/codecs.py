@@ -43,7 +43,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from kvstore.bench_options import (
+from kvstore.bench.options import (
     CHUNK_TOKENS,
     CODEC_FULL_REPEATS,
     CODEC_FULL_TOKENS,
