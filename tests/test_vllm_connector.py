@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from node_server import NodeServer
 from prerequisites import missing
 from redis_server import RedisServer, redis_available
 
@@ -63,10 +65,12 @@ from kvstore.connectors.vllm_saves import Saves
 from kvstore.connectors.vllm_specs import LoadSpec, SaveSpec
 from kvstore.connectors.vllm_transfer import Transfer
 from kvstore.connectors.weights import weights_revision
+from kvstore.drivers.node.driver import NodeConfig, NodeDriver
 from kvstore.errors import ConfigError, InvalidArgumentError
 from kvstore.layout import KVLayout
 from kvstore.results import StoreResult
 from kvstore.store import KVStore
+from kvstore.sync import shared_loop
 from kvstore.triton_kernels import gather, scatter
 
 REPO = Path(__file__).resolve().parents[1]
@@ -408,13 +412,15 @@ def _venv_run(python: Path, *args: str, timeout: float) -> None:
         )
 
 
-def _kv_config(role: str, tiers: list[Any]) -> dict[str, Any]:
+def _kv_config(role: str, config: Any, **options: Any) -> dict[str, Any]:
+    """A ``--kv-transfer-config``: ``config`` is the connector's store config (tier
+    URLs, a URL or a YAML path), ``options`` more ``kv_connector_extra_config`` keys."""
     return {
         "kv_connector": "KVStoreConnector",
         "kv_connector_module_path": "kvstore.connectors.vllm",
         "kv_role": role,
         "kv_load_failure_policy": "recompute",
-        "kv_connector_extra_config": {"config": tiers, "chunk_tokens": BLOCK},
+        "kv_connector_extra_config": {"config": config, "chunk_tokens": BLOCK, **options},
     }
 
 
@@ -433,16 +439,23 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str | None]:
 
 
 @pytest.fixture(scope="module")
+def model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The small seeded Llama every engine of the module runs."""
+    path = tmp_path_factory.mktemp("model")
+    _venv_run(_engine_python(request), "build", str(path), timeout=300)
+    return path
+
+
+@pytest.fixture(scope="module")
 def engines(
     request: pytest.FixtureRequest,
     tmp_path_factory: pytest.TempPathFactory,
+    model: Path,
     redis_url: str | None,
 ) -> dict[str, Any]:
-    """Build the model, run the module's plan once, return each request's result."""
+    """Run the module's plan once, return each request's result."""
     python = _engine_python(request)
     work = tmp_path_factory.mktemp("vllm")
-    model = work / "model"
-    _venv_run(python, "build", str(model), timeout=300)
     rng = np.random.default_rng(7)
     prompt = rng.integers(0, 512, size=300).tolist()
     pd_prompt = rng.integers(0, 512, size=2 * BLOCK + 1).tolist()
@@ -585,3 +598,200 @@ def test_decode_engine_gets_the_prompt_from_the_prefill_engine(engines: dict[str
     _same(decode, results["pd_ref_again"])
     assert decode["output"] == results["pd_ref"]["output"]
     assert prefill["output"] == decode["output"][:1]
+
+
+# ------------------------------------------------ engines sharing a node service
+
+NODE_WAIT_S = 300.0
+"""Bound on each wait for a background engine's next result."""
+
+
+class BackgroundPlan:
+    """A plan of tests/vllm_engine.py run in a process group of its own, so a test can
+    follow its results as they come and kill every process of it with SIGKILL."""
+
+    def __init__(self, python: Path, plan: dict[str, Any], work: Path, name: str) -> None:
+        self.name = name
+        self.log = work / f"{name}.log"
+        self.result_path = work / f"{name}-result.json"
+        plan_path = work / f"{name}-plan.json"
+        plan_path.write_text(json.dumps(plan))
+        command = [str(python), str(ENGINE_SCRIPT), "run", str(plan_path), str(self.result_path)]
+        with self.log.open("wb") as log:
+            self.process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True
+            )
+
+    def result(self, request: str) -> dict[str, Any]:
+        """``request``'s result, once the plan has published it."""
+        deadline = time.monotonic() + NODE_WAIT_S
+        while True:
+            if self.result_path.exists():
+                done: dict[str, dict[str, Any]] = json.loads(self.result_path.read_text())[
+                    "requests"
+                ]
+                if request in done:
+                    return done[request]
+            if self.process.poll() is not None:
+                raise AssertionError(self._failure(f"exited {self.process.returncode}"))
+            if time.monotonic() > deadline:
+                raise AssertionError(self._failure(f"did not answer {request!r}"))
+            time.sleep(0.2)
+
+    def finish(self) -> None:
+        """Wait until the plan has run to its end, successfully."""
+        if self.process.wait(timeout=NODE_WAIT_S) != 0:
+            raise AssertionError(self._failure(f"exited {self.process.returncode}"))
+
+    def kill(self) -> None:
+        """SIGKILL every process of the plan: no shutdown, no cleanup."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=30)
+
+    def _failure(self, what: str) -> str:
+        return f"engine plan {self.name} {what}:\n{self.log.read_text()[-6000:]}"
+
+
+def _node_stats(driver: NodeDriver) -> dict[str, Any]:
+    """The service's counters: sessions, reserved bytes, and its arena tier's."""
+    stats: dict[str, Any] = shared_loop().run(driver.node_stats(), 10)
+    return stats
+
+
+def _wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.1)
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+@pytest.mark.timeout(4 * NODE_WAIT_S)
+def test_engines_share_prefixes_through_the_node_service_and_outlive_a_killed_one(
+    request: pytest.FixtureRequest, model: Path, tmp_path: Path
+) -> None:
+    """Engine A computes two prompts into the node service and stays up; engine B,
+    another process, loads the first from the service; A is killed with SIGKILL;
+    B then loads the second, which only A computed, from the service."""
+    python = _engine_python(request)
+    rng = np.random.default_rng(11)
+    prompt, other = (rng.integers(0, 512, size=300).tolist() for _ in range(2))
+    node = NodeServer(tmp_path, capacity="64MiB")
+    node.start()
+    killed = tmp_path / "writer-killed"
+    writer_kv = _kv_config("kv_both", node.url, blocking_save=True)
+    writer = BackgroundPlan(
+        python,
+        {
+            "model": str(model),
+            "steps": [
+                {
+                    "engine": {"kv": writer_kv, "hold": True},
+                    "requests": [
+                        {"name": "a", "prompt": prompt, "max_tokens": 32},
+                        {"name": "a_other", "prompt": other, "max_tokens": 32},
+                    ],
+                }
+            ],
+        },
+        tmp_path,
+        "writer",
+    )
+    plans = [writer]
+    driver = shared_loop().run(NodeDriver.open(NodeConfig.from_url(node.url)), 10)
+    try:
+        reference_plan = tmp_path / "reference-plan.json"
+        reference_plan.write_text(
+            json.dumps(
+                {
+                    "model": str(model),
+                    "steps": [
+                        {
+                            "engine": {"kv": None, "prefix_caching": True},
+                            "requests": [
+                                {"name": name, "prompt": tokens, "max_tokens": 32}
+                                for name, tokens in (
+                                    ("ref", prompt),
+                                    ("ref_again", prompt),
+                                    ("ref_other", other),
+                                    ("ref_other_again", other),
+                                )
+                            ],
+                        }
+                    ],
+                }
+            )
+        )
+        reference_result = tmp_path / "reference-result.json"
+        _venv_run(python, "run", str(reference_plan), str(reference_result), timeout=NODE_WAIT_S)
+        reference = json.loads(reference_result.read_text())["requests"]
+        assert reference["ref_again"]["num_cached_tokens"] == 2 * BLOCK
+        assert reference["ref_other_again"]["num_cached_tokens"] == 2 * BLOCK
+
+        first, first_other = writer.result("a"), writer.result("a_other")
+        assert first["num_cached_tokens"] == first_other["num_cached_tokens"] == 0
+        _same(first, reference["ref"])
+        _same(first_other, reference["ref_other"])
+        written = _node_stats(driver)
+        assert written["tiers"][0]["entries"] == 4
+        writer_sessions = written["sessions"] - 1
+
+        reader = BackgroundPlan(
+            python,
+            {
+                "model": str(model),
+                "steps": [
+                    {
+                        "engine": {"kv": _kv_config("kv_both", node.url)},
+                        "requests": [
+                            {"name": "b", "prompt": prompt, "max_tokens": 32},
+                            {
+                                "name": "b_other",
+                                "prompt": other,
+                                "max_tokens": 32,
+                                "after": str(killed),
+                            },
+                        ],
+                    }
+                ],
+            },
+            tmp_path,
+            "reader",
+        )
+        plans.append(reader)
+        loaded = reader.result("b")
+        assert loaded["kv_transfer_params"] == {
+            "kvstore_hit_tokens": 2 * BLOCK,
+            "kvstore_loaded_tokens": 2 * BLOCK,
+        }
+        assert loaded["num_cached_tokens"] == 2 * BLOCK
+        _same(loaded, reference["ref_again"])
+        assert loaded["output"] == reference["ref"]["output"]
+        both = _node_stats(driver)
+        assert both["tiers"][0]["hits"] - written["tiers"][0]["hits"] >= 2
+
+        writer.kill()
+        _wait_until(
+            lambda: _node_stats(driver)["sessions"] == both["sessions"] - writer_sessions,
+            "the service ended the killed engine's sessions",
+        )
+        killed.touch()
+        loaded_other = reader.result("b_other")
+        reader.finish()
+        assert loaded_other["kv_transfer_params"] == {
+            "kvstore_hit_tokens": 2 * BLOCK,
+            "kvstore_loaded_tokens": 2 * BLOCK,
+        }
+        _same(loaded_other, reference["ref_other_again"])
+        assert loaded_other["output"] == reference["ref_other"]["output"]
+        after = _node_stats(driver)
+        assert after["tiers"][0]["hits"] - both["tiers"][0]["hits"] >= 2
+        assert after["reserved_bytes"] == 0
+        assert node.process is not None and node.process.poll() is None
+    finally:
+        for plan in plans:
+            plan.kill()
+        shared_loop().run(driver.close(), 10)
+        node.stop()
