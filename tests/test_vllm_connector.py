@@ -18,6 +18,11 @@ every engine once for the whole module:
   prefills, a ``kv_consumer`` engine in vLLM's multiprocess mode (its
   scheduler asks the worker's store over the lookup socket) decodes.
 
+One test runs engines of its own, in separate processes at the same time,
+around a node service (``kvstore node``): engine A computes two prompts into
+it and stays up, engine B loads the first, A is killed with SIGKILL, and B
+loads the second, which only A computed.
+
 A kvstore hit must reproduce, bit for bit, what vLLM computes after its own
 prefix-cache hit of the same length (the same work is left to compute), and
 the same tokens as no cache at all.
