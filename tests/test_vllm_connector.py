@@ -534,6 +534,19 @@ def _same(a: dict[str, Any], b: dict[str, Any]) -> None:
     assert a["logprobs"] == b["logprobs"]
 
 
+def _loaded_the_prefix(
+    result: dict[str, Any], no_cache: dict[str, Any], vllm_hit: dict[str, Any]
+) -> None:
+    """``result`` loaded its prompt's two whole chunks from kvstore and matches vLLM."""
+    assert result["num_cached_tokens"] == 2 * BLOCK
+    assert result["kv_transfer_params"] == {
+        "kvstore_hit_tokens": 2 * BLOCK,
+        "kvstore_loaded_tokens": 2 * BLOCK,
+    }
+    _same(result, vllm_hit)
+    assert result["output"] == no_cache["output"]
+
+
 @pytest.mark.vllm
 @pytest.mark.timeout(PLAN_TIMEOUT_S + 300)
 def test_second_engine_loads_the_prefix_from_kvstore(engines: dict[str, Any]) -> None:
@@ -543,13 +556,7 @@ def test_second_engine_loads_the_prefix_from_kvstore(engines: dict[str, Any]) ->
     assert ref_again["num_cached_tokens"] == 2 * BLOCK
     assert first["num_cached_tokens"] == 0
     _same(first, ref)
-    assert second["num_cached_tokens"] == 2 * BLOCK
-    assert second["kv_transfer_params"] == {
-        "kvstore_hit_tokens": 2 * BLOCK,
-        "kvstore_loaded_tokens": 2 * BLOCK,
-    }
-    _same(second, ref_again)
-    assert second["output"] == ref["output"]
+    _loaded_the_prefix(second, ref, ref_again)
 
 
 @pytest.mark.vllm
@@ -612,14 +619,23 @@ NODE_WAIT_S = 300.0
 
 
 class BackgroundPlan:
-    """A plan of tests/vllm_engine.py run in a process group of its own, so a test can
-    follow its results as they come and kill every process of it with SIGKILL."""
+    """One engine (tests/vllm_engine.py run) in a process group of its own, so a test
+    can follow its results as they come and kill every process of it with SIGKILL."""
 
-    def __init__(self, python: Path, plan: dict[str, Any], work: Path, name: str) -> None:
+    def __init__(
+        self,
+        python: Path,
+        model: Path,
+        engine: dict[str, Any],
+        requests: list[dict[str, Any]],
+        work: Path,
+        name: str,
+    ) -> None:
         self.name = name
         self.log = work / f"{name}.log"
         self.result_path = work / f"{name}-result.json"
         plan_path = work / f"{name}-plan.json"
+        plan = {"model": str(model), "steps": [{"engine": engine, "requests": requests}]}
         plan_path.write_text(json.dumps(plan))
         command = [str(python), str(ENGINE_SCRIPT), "run", str(plan_path), str(self.result_path)]
         with self.log.open("wb") as log:
@@ -628,7 +644,7 @@ class BackgroundPlan:
             )
 
     def result(self, request: str) -> dict[str, Any]:
-        """``request``'s result, once the plan has published it."""
+        """``request``'s result, once the engine has published it."""
         deadline = time.monotonic() + NODE_WAIT_S
         while True:
             if self.result_path.exists():
@@ -644,18 +660,22 @@ class BackgroundPlan:
             time.sleep(0.2)
 
     def finish(self) -> None:
-        """Wait until the plan has run to its end, successfully."""
+        """Wait until the engine has served every request and shut down, successfully."""
         if self.process.wait(timeout=NODE_WAIT_S) != 0:
             raise AssertionError(self._failure(f"exited {self.process.returncode}"))
 
     def kill(self) -> None:
-        """SIGKILL every process of the plan: no shutdown, no cleanup."""
+        """SIGKILL every process of the engine: no shutdown, no cleanup."""
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGKILL)
         self.process.wait(timeout=30)
 
     def _failure(self, what: str) -> str:
-        return f"engine plan {self.name} {what}:\n{self.log.read_text()[-6000:]}"
+        return f"engine {self.name} {what}:\n{self.log.read_text()[-6000:]}"
+
+
+def _ask(name: str, prompt: list[int], **more: Any) -> dict[str, Any]:
+    return {"name": name, "prompt": prompt, "max_tokens": 32, **more}
 
 
 def _node_stats(driver: NodeDriver) -> dict[str, Any]:
@@ -685,95 +705,50 @@ def test_engines_share_prefixes_through_the_node_service_and_outlive_a_killed_on
     prompt, other = (rng.integers(0, 512, size=300).tolist() for _ in range(2))
     node = NodeServer(tmp_path, capacity="64MiB")
     node.start()
-    killed = tmp_path / "writer-killed"
-    writer_kv = _kv_config("kv_both", node.url, blocking_save=True)
-    writer = BackgroundPlan(
-        python,
-        {
-            "model": str(model),
-            "steps": [
-                {
-                    "engine": {"kv": writer_kv, "hold": True},
-                    "requests": [
-                        {"name": "a", "prompt": prompt, "max_tokens": 32},
-                        {"name": "a_other", "prompt": other, "max_tokens": 32},
-                    ],
-                }
-            ],
-        },
-        tmp_path,
-        "writer",
-    )
-    plans = [writer]
     driver = shared_loop().run(NodeDriver.open(NodeConfig.from_url(node.url)), 10)
+    engines: list[BackgroundPlan] = []
+
+    def engine(name: str, settings: dict[str, Any], *requests: dict[str, Any]) -> BackgroundPlan:
+        engines.append(BackgroundPlan(python, model, settings, list(requests), tmp_path, name))
+        return engines[-1]
+
     try:
-        reference_plan = tmp_path / "reference-plan.json"
-        reference_plan.write_text(
-            json.dumps(
-                {
-                    "model": str(model),
-                    "steps": [
-                        {
-                            "engine": {"kv": None, "prefix_caching": True},
-                            "requests": [
-                                {"name": name, "prompt": tokens, "max_tokens": 32}
-                                for name, tokens in (
-                                    ("ref", prompt),
-                                    ("ref_again", prompt),
-                                    ("ref_other", other),
-                                    ("ref_other_again", other),
-                                )
-                            ],
-                        }
-                    ],
-                }
-            )
+        writer = engine(
+            "writer",
+            {"kv": _kv_config("kv_both", node.url, blocking_save=True), "hold": True},
+            _ask("a", prompt),
+            _ask("a_other", other),
         )
-        reference_result = tmp_path / "reference-result.json"
-        _venv_run(python, "run", str(reference_plan), str(reference_result), timeout=NODE_WAIT_S)
-        reference = json.loads(reference_result.read_text())["requests"]
-        assert reference["ref_again"]["num_cached_tokens"] == 2 * BLOCK
-        assert reference["ref_other_again"]["num_cached_tokens"] == 2 * BLOCK
+        reference = engine(
+            "reference",
+            {"kv": None, "prefix_caching": True},
+            _ask("ref", prompt),
+            _ask("ref_again", prompt),
+            _ask("ref_other", other),
+            _ask("ref_other_again", other),
+        )
+        ref, ref_again, ref_other, ref_other_again = (
+            reference.result(name) for name in ("ref", "ref_again", "ref_other", "ref_other_again")
+        )
+        reference.finish()
+        assert ref_again["num_cached_tokens"] == ref_other_again["num_cached_tokens"] == 2 * BLOCK
 
         first, first_other = writer.result("a"), writer.result("a_other")
         assert first["num_cached_tokens"] == first_other["num_cached_tokens"] == 0
-        _same(first, reference["ref"])
-        _same(first_other, reference["ref_other"])
+        _same(first, ref)
+        _same(first_other, ref_other)
         written = _node_stats(driver)
         assert written["tiers"][0]["entries"] == 4
         writer_sessions = written["sessions"] - 1
 
-        reader = BackgroundPlan(
-            python,
-            {
-                "model": str(model),
-                "steps": [
-                    {
-                        "engine": {"kv": _kv_config("kv_both", node.url)},
-                        "requests": [
-                            {"name": "b", "prompt": prompt, "max_tokens": 32},
-                            {
-                                "name": "b_other",
-                                "prompt": other,
-                                "max_tokens": 32,
-                                "after": str(killed),
-                            },
-                        ],
-                    }
-                ],
-            },
-            tmp_path,
+        killed = tmp_path / "writer-killed"
+        reader = engine(
             "reader",
+            {"kv": _kv_config("kv_both", node.url)},
+            _ask("b", prompt),
+            _ask("b_other", other, after=str(killed)),
         )
-        plans.append(reader)
-        loaded = reader.result("b")
-        assert loaded["kv_transfer_params"] == {
-            "kvstore_hit_tokens": 2 * BLOCK,
-            "kvstore_loaded_tokens": 2 * BLOCK,
-        }
-        assert loaded["num_cached_tokens"] == 2 * BLOCK
-        _same(loaded, reference["ref_again"])
-        assert loaded["output"] == reference["ref"]["output"]
+        _loaded_the_prefix(reader.result("b"), ref, ref_again)
         both = _node_stats(driver)
         assert both["tiers"][0]["hits"] - written["tiers"][0]["hits"] >= 2
 
@@ -783,20 +758,14 @@ def test_engines_share_prefixes_through_the_node_service_and_outlive_a_killed_on
             "the service ended the killed engine's sessions",
         )
         killed.touch()
-        loaded_other = reader.result("b_other")
+        _loaded_the_prefix(reader.result("b_other"), ref_other, ref_other_again)
         reader.finish()
-        assert loaded_other["kv_transfer_params"] == {
-            "kvstore_hit_tokens": 2 * BLOCK,
-            "kvstore_loaded_tokens": 2 * BLOCK,
-        }
-        _same(loaded_other, reference["ref_other_again"])
-        assert loaded_other["output"] == reference["ref_other"]["output"]
         after = _node_stats(driver)
         assert after["tiers"][0]["hits"] - both["tiers"][0]["hits"] >= 2
         assert after["reserved_bytes"] == 0
         assert node.process is not None and node.process.poll() is None
     finally:
-        for plan in plans:
-            plan.kill()
+        for each in engines:
+            each.kill()
         shared_loop().run(driver.close(), 10)
         node.stop()
