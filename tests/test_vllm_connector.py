@@ -18,6 +18,11 @@ every engine once for the whole module:
   prefills, a ``kv_consumer`` engine in vLLM's multiprocess mode (its
   scheduler asks the worker's store over the lookup socket) decodes.
 
+One test runs engines of its own, in separate processes at the same time,
+around a node service (``kvstore node``): engine A computes two prompts into
+it and stays up, engine B loads the first, A is killed with SIGKILL, and B
+loads the second, which only A computed.
+
 A kvstore hit must reproduce, bit for bit, what vLLM computes after its own
 prefix-cache hit of the same length (the same work is left to compute), and
 the same tokens as no cache at all.
@@ -27,9 +32,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -37,6 +43,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from node_server import NodeServer
 from prerequisites import missing
 from redis_server import RedisServer, redis_available
 
@@ -63,10 +70,12 @@ from kvstore.connectors.vllm_saves import Saves
 from kvstore.connectors.vllm_specs import LoadSpec, SaveSpec
 from kvstore.connectors.vllm_transfer import Transfer
 from kvstore.connectors.weights import weights_revision
+from kvstore.drivers.node.driver import NodeConfig, NodeDriver
 from kvstore.errors import ConfigError, InvalidArgumentError
 from kvstore.layout import KVLayout
 from kvstore.results import StoreResult
 from kvstore.store import KVStore
+from kvstore.sync import shared_loop
 from kvstore.triton_kernels import gather, scatter
 
 REPO = Path(__file__).resolve().parents[1]
@@ -408,13 +417,15 @@ def _venv_run(python: Path, *args: str, timeout: float) -> None:
         )
 
 
-def _kv_config(role: str, tiers: list[Any]) -> dict[str, Any]:
+def _kv_config(role: str, config: Any, **options: Any) -> dict[str, Any]:
+    """A ``--kv-transfer-config``: ``config`` is the connector's store config (tier
+    URLs, a URL or a YAML path), ``options`` more ``kv_connector_extra_config`` keys."""
     return {
         "kv_connector": "KVStoreConnector",
         "kv_connector_module_path": "kvstore.connectors.vllm",
         "kv_role": role,
         "kv_load_failure_policy": "recompute",
-        "kv_connector_extra_config": {"config": tiers, "chunk_tokens": BLOCK},
+        "kv_connector_extra_config": {"config": config, "chunk_tokens": BLOCK, **options},
     }
 
 
@@ -433,16 +444,23 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str | None]:
 
 
 @pytest.fixture(scope="module")
+def model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The small seeded Llama every engine of the module runs."""
+    path = tmp_path_factory.mktemp("model")
+    _venv_run(_engine_python(request), "build", str(path), timeout=300)
+    return path
+
+
+@pytest.fixture(scope="module")
 def engines(
     request: pytest.FixtureRequest,
     tmp_path_factory: pytest.TempPathFactory,
+    model: Path,
     redis_url: str | None,
 ) -> dict[str, Any]:
-    """Build the model, run the module's plan once, return each request's result."""
+    """Run the module's plan once, return each request's result."""
     python = _engine_python(request)
     work = tmp_path_factory.mktemp("vllm")
-    model = work / "model"
-    _venv_run(python, "build", str(model), timeout=300)
     rng = np.random.default_rng(7)
     prompt = rng.integers(0, 512, size=300).tolist()
     pd_prompt = rng.integers(0, 512, size=2 * BLOCK + 1).tolist()
@@ -516,6 +534,19 @@ def _same(a: dict[str, Any], b: dict[str, Any]) -> None:
     assert a["logprobs"] == b["logprobs"]
 
 
+def _loaded_the_prefix(
+    result: dict[str, Any], no_cache: dict[str, Any], vllm_hit: dict[str, Any]
+) -> None:
+    """``result`` loaded its prompt's two whole chunks from kvstore and matches vLLM."""
+    assert result["num_cached_tokens"] == 2 * BLOCK
+    assert result["kv_transfer_params"] == {
+        "kvstore_hit_tokens": 2 * BLOCK,
+        "kvstore_loaded_tokens": 2 * BLOCK,
+    }
+    _same(result, vllm_hit)
+    assert result["output"] == no_cache["output"]
+
+
 @pytest.mark.vllm
 @pytest.mark.timeout(PLAN_TIMEOUT_S + 300)
 def test_second_engine_loads_the_prefix_from_kvstore(engines: dict[str, Any]) -> None:
@@ -525,13 +556,7 @@ def test_second_engine_loads_the_prefix_from_kvstore(engines: dict[str, Any]) ->
     assert ref_again["num_cached_tokens"] == 2 * BLOCK
     assert first["num_cached_tokens"] == 0
     _same(first, ref)
-    assert second["num_cached_tokens"] == 2 * BLOCK
-    assert second["kv_transfer_params"] == {
-        "kvstore_hit_tokens": 2 * BLOCK,
-        "kvstore_loaded_tokens": 2 * BLOCK,
-    }
-    _same(second, ref_again)
-    assert second["output"] == ref["output"]
+    _loaded_the_prefix(second, ref, ref_again)
 
 
 @pytest.mark.vllm
@@ -585,3 +610,162 @@ def test_decode_engine_gets_the_prompt_from_the_prefill_engine(engines: dict[str
     _same(decode, results["pd_ref_again"])
     assert decode["output"] == results["pd_ref"]["output"]
     assert prefill["output"] == decode["output"][:1]
+
+
+# ------------------------------------------------ engines sharing a node service
+
+NODE_WAIT_S = 300.0
+"""Bound on each wait for a background engine's next result."""
+
+
+class BackgroundPlan:
+    """One engine (tests/vllm_engine.py run) in a process group of its own, so a test
+    can follow its results as they come and kill every process of it with SIGKILL."""
+
+    def __init__(
+        self,
+        python: Path,
+        model: Path,
+        engine: dict[str, Any],
+        requests: list[dict[str, Any]],
+        work: Path,
+        name: str,
+    ) -> None:
+        self.name = name
+        self.log = work / f"{name}.log"
+        self.result_path = work / f"{name}-result.json"
+        plan_path = work / f"{name}-plan.json"
+        plan = {"model": str(model), "steps": [{"engine": engine, "requests": requests}]}
+        plan_path.write_text(json.dumps(plan))
+        command = [str(python), str(ENGINE_SCRIPT), "run", str(plan_path), str(self.result_path)]
+        with self.log.open("wb") as log:
+            self.process = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True
+            )
+
+    def result(self, request: str) -> dict[str, Any]:
+        """``request``'s result, once the engine has published it."""
+        deadline = time.monotonic() + NODE_WAIT_S
+        while True:
+            if self.result_path.exists():
+                done: dict[str, dict[str, Any]] = json.loads(self.result_path.read_text())[
+                    "requests"
+                ]
+                if request in done:
+                    return done[request]
+            if self.process.poll() is not None:
+                raise AssertionError(self._failure(f"exited {self.process.returncode}"))
+            if time.monotonic() > deadline:
+                raise AssertionError(self._failure(f"did not answer {request!r}"))
+            time.sleep(0.2)
+
+    def finish(self) -> None:
+        """Wait until the engine has served every request and shut down, successfully."""
+        if self.process.wait(timeout=NODE_WAIT_S) != 0:
+            raise AssertionError(self._failure(f"exited {self.process.returncode}"))
+
+    def kill(self) -> None:
+        """SIGKILL every process of the engine: no shutdown, no cleanup."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(timeout=30)
+
+    def _failure(self, what: str) -> str:
+        return f"engine {self.name} {what}:\n{self.log.read_text()[-6000:]}"
+
+
+def _ask(name: str, prompt: list[int], **more: Any) -> dict[str, Any]:
+    return {"name": name, "prompt": prompt, "max_tokens": 32, **more}
+
+
+def _node_stats(driver: NodeDriver) -> dict[str, Any]:
+    """The service's counters: sessions, reserved bytes, and its arena tier's."""
+    stats: dict[str, Any] = shared_loop().run(driver.node_stats(), 10)
+    return stats
+
+
+def _wait_until(condition: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting until {what}"
+        time.sleep(0.1)
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+@pytest.mark.timeout(4 * NODE_WAIT_S)
+def test_engines_share_prefixes_through_the_node_service_and_outlive_a_killed_one(
+    request: pytest.FixtureRequest, model: Path, tmp_path: Path
+) -> None:
+    """Engine A computes two prompts into the node service and stays up; engine B,
+    another process, loads the first from the service; A is killed with SIGKILL;
+    B then loads the second, which only A computed, from the service."""
+    python = _engine_python(request)
+    rng = np.random.default_rng(11)
+    prompt, other = (rng.integers(0, 512, size=300).tolist() for _ in range(2))
+    node = NodeServer(tmp_path, capacity="64MiB")
+    node.start()
+    driver = shared_loop().run(NodeDriver.open(NodeConfig.from_url(node.url)), 10)
+    engines: list[BackgroundPlan] = []
+
+    def engine(name: str, settings: dict[str, Any], *requests: dict[str, Any]) -> BackgroundPlan:
+        engines.append(BackgroundPlan(python, model, settings, list(requests), tmp_path, name))
+        return engines[-1]
+
+    try:
+        writer = engine(
+            "writer",
+            {"kv": _kv_config("kv_both", node.url, blocking_save=True), "hold": True},
+            _ask("a", prompt),
+            _ask("a_other", other),
+        )
+        reference = engine(
+            "reference",
+            {"kv": None, "prefix_caching": True},
+            _ask("ref", prompt),
+            _ask("ref_again", prompt),
+            _ask("ref_other", other),
+            _ask("ref_other_again", other),
+        )
+        ref, ref_again, ref_other, ref_other_again = (
+            reference.result(name) for name in ("ref", "ref_again", "ref_other", "ref_other_again")
+        )
+        reference.finish()
+        assert ref_again["num_cached_tokens"] == ref_other_again["num_cached_tokens"] == 2 * BLOCK
+
+        first, first_other = writer.result("a"), writer.result("a_other")
+        assert first["num_cached_tokens"] == first_other["num_cached_tokens"] == 0
+        _same(first, ref)
+        _same(first_other, ref_other)
+        written = _node_stats(driver)
+        assert written["tiers"][0]["entries"] == 4
+        writer_sessions = written["sessions"] - 1
+
+        killed = tmp_path / "writer-killed"
+        reader = engine(
+            "reader",
+            {"kv": _kv_config("kv_both", node.url)},
+            _ask("b", prompt),
+            _ask("b_other", other, after=str(killed)),
+        )
+        _loaded_the_prefix(reader.result("b"), ref, ref_again)
+        both = _node_stats(driver)
+        assert both["tiers"][0]["hits"] - written["tiers"][0]["hits"] >= 2
+
+        writer.kill()
+        _wait_until(
+            lambda: _node_stats(driver)["sessions"] == both["sessions"] - writer_sessions,
+            "the service ended the killed engine's sessions",
+        )
+        killed.touch()
+        _loaded_the_prefix(reader.result("b_other"), ref_other, ref_other_again)
+        reader.finish()
+        after = _node_stats(driver)
+        assert after["tiers"][0]["hits"] - both["tiers"][0]["hits"] >= 2
+        assert after["reserved_bytes"] == 0
+        assert node.process is not None and node.process.poll() is None
+    finally:
+        for each in engines:
+            each.kill()
+        shared_loop().run(driver.close(), 10)
+        node.stop()

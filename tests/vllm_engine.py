@@ -16,17 +16,22 @@ each step is one of:
   Engine keys: ``kv`` (a ``--kv-transfer-config`` object, or null for plain
   vLLM), ``multiprocessing`` (vLLM's ``VLLM_ENABLE_V1_MULTIPROCESSING``,
   default false: scheduler and worker in this process), ``prefix_caching``
-  (default false), ``max_model_len``, ``dtype``. A request is
+  (default false), ``max_model_len``, ``dtype``, ``hold`` (default false:
+  after its last request the engine stays up, connected to its store, until
+  the process is killed). A request is
   ``{"name", "prompt": [ids] | "extend": {"from": name, "tokens": [ids]},
-  "max_tokens"}``; ``extend`` continues an earlier request's conversation
-  (its prompt, its output, then ``tokens``), a multi-turn chat.
+  "max_tokens", "after": path}``; ``extend`` continues an earlier request's
+  conversation (its prompt, its output, then ``tokens``), a multi-turn chat;
+  ``after`` (optional) waits until that file exists before generating, so a
+  test can act between two requests of one engine.
 * ``{"corrupt": dir}``: overwrite the payload of every value file an ``nvme``
   tier keeps under ``dir`` with other bytes (headers intact), as a failing
   disk would.
 
 RESULT.json maps each request name to its prompt, output token ids, the
 logprob of each output token, ``num_cached_tokens``, ``kv_transfer_params``,
-its time to first token (``ttft_s``) and wall time, plus each step's wall time.
+its time to first token (``ttft_s``) and wall time, plus each step's wall time;
+it is rewritten, whole, after every request, so a test can follow the run.
 Engines run under ``if __name__ == "__main__"`` as vLLM's process spawning needs.
 """
 
@@ -36,11 +41,15 @@ import argparse
 import json
 import os
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 NVME_HEADER_BYTES = 4096
+AFTER_TIMEOUT_S = 600.0
+"""How long a request waits for its ``after`` file."""
 
 
 def corrupt_tier(directory: Path) -> int:
@@ -68,10 +77,23 @@ def _prompt(request: dict[str, Any], results: dict[str, Any]) -> list[int]:
     return [*earlier["prompt"], *earlier["output"], *(int(t) for t in extend["tokens"])]
 
 
+def _wait_for_file(path: Path) -> None:
+    deadline = time.monotonic() + AFTER_TIMEOUT_S
+    while not path.exists():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} did not appear within {AFTER_TIMEOUT_S} s")
+        time.sleep(0.05)
+
+
 def run_engine(
-    model: str, engine: dict[str, Any], requests: list[dict[str, Any]], results: dict[str, Any]
+    model: str,
+    engine: dict[str, Any],
+    requests: list[dict[str, Any]],
+    results: dict[str, Any],
+    publish: Callable[[], None],
 ) -> None:
-    """One engine: generate each request in turn, then shut the engine down."""
+    """One engine: generate each request in turn (``publish`` after each), then
+    shut the engine down, or with ``hold`` stay up until killed."""
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1" if engine.get("multiprocessing") else "0"
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(engine.get("kv_cache_gib", 1)))
     from vllm import LLM, SamplingParams
@@ -94,6 +116,8 @@ def run_engine(
     )
     try:
         for request in requests:
+            if "after" in request:
+                _wait_for_file(Path(request["after"]))
             prompt = _prompt(request, results)
             params = SamplingParams(
                 max_tokens=int(request.get("max_tokens", 8)),
@@ -121,6 +145,9 @@ def run_engine(
                 "ttft_s": ttft,
                 "wall_s": wall,
             }
+            publish()
+        if engine.get("hold"):
+            threading.Event().wait()
     finally:
         llm.llm_engine.engine_core.shutdown()
         del llm
@@ -131,16 +158,22 @@ def run_plan(plan_path: Path, result_path: Path) -> None:
     plan = json.loads(plan_path.read_text())
     results: dict[str, Any] = {}
     steps: list[dict[str, Any]] = []
+
+    def publish() -> None:
+        partial = result_path.with_suffix(".partial")
+        partial.write_text(json.dumps({"requests": results, "steps": steps}))
+        partial.replace(result_path)
+
     for step in plan["steps"]:
         started = time.perf_counter()
         if "corrupt" in step:
             touched = corrupt_tier(Path(step["corrupt"]))
             steps.append({"corrupt": step["corrupt"], "files": touched})
         else:
-            run_engine(plan["model"], step["engine"], step["requests"], results)
+            run_engine(plan["model"], step["engine"], step["requests"], results, publish)
             steps.append({"requests": [r["name"] for r in step["requests"]]})
         steps[-1]["wall_s"] = time.perf_counter() - started
-        result_path.write_text(json.dumps({"requests": results, "steps": steps}))
+        publish()
 
 
 def main(argv: list[str]) -> None:
