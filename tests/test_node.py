@@ -175,6 +175,7 @@ def test_a_killed_client_frees_its_room_and_ends_its_loans(
         holder.wait(timeout=10)
         wait_for(lambda: service_stats(loop, driver)["free_bytes"] == free)
         assert service_stats(loop, driver)["reserved_bytes"] == 0
+        assert loop.run(driver.contains_many([b"held"]), 10) == [False]
     finally:
         loop.run(driver.close(), 10)
 

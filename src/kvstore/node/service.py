@@ -68,7 +68,7 @@ could act on, so it need not wait a round trip."""
 class _Reservation:
     keys: list[bytes]
     sizes: list[int]
-    entries: list[ArenaEntry]
+    entries: list[ArenaEntry | None]
     cost: int
 
 
@@ -234,22 +234,30 @@ class NodeService:
         cost = sum(self.tier.footprint(size) for size in sizes)
         await self._make_room(cost)
         try:
-            entries = self.arena.reserve_room(list(zip(keys, sizes)))
+            entries = self.arena.reserve_room(
+                list(zip(keys, sizes)), one_run=bool(request.get("one_run", False))
+            )
         except BaseException:
             self.tier.reserved -= cost
             raise
         reservation_id = next(self._ids)
         session.reservations[reservation_id] = _Reservation(keys, sizes, entries, cost)
-        return {"id": reservation_id, "rooms": [entry.segments for entry in entries]}
+        rooms = [None if entry is None else entry.segments for entry in entries]
+        return {"id": reservation_id, "rooms": rooms}
 
     async def _op_commit(self, session: _Session, request: dict[str, Any]) -> None:
         reservation = session.reservations.pop(int(request["id"]))
         self.arena.commit_room(reservation.keys, reservation.entries)
         self._unreserve(reservation)
-        for key, size in zip(reservation.keys, reservation.sizes):
+        committed = [
+            (key, size)
+            for key, size, entry in zip(reservation.keys, reservation.sizes, reservation.entries)
+            if entry is not None
+        ]
+        for key, size in committed:
             self.tier.record(key, self.tier.footprint(size))
-        self.tier.stats.chunks_written += len(reservation.keys)
-        self.tier.stats.bytes_written += sum(reservation.sizes)
+        self.tier.stats.chunks_written += len(committed)
+        self.tier.stats.bytes_written += sum(size for _, size in committed)
 
     async def _op_abort(self, session: _Session, request: dict[str, Any]) -> None:
         reservation = session.reservations.pop(int(request["id"]), None)
