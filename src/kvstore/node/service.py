@@ -360,7 +360,7 @@ class NodeService:
         """Reserve ``cost`` bytes in the first tier through the store's own placement:
         it evicts in the tier's policy order, skips pinned and borrowed chunks, and
         hands write-back chunks down to the tier below; CapacityError if it cannot."""
-        if not await self.store._reserve(self.tier, cost):
+        if not await self.store.reserve(self.tier, cost):
             raise CapacityError(
                 f"{cost} bytes do not fit in the node tier of {self.tier.capacity} bytes",
                 driver=self.arena.name,

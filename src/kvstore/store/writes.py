@@ -140,7 +140,7 @@ class WritePipeline(Placement):
         fitting: list[int] = []
         dropped: list[int] = []
         for i in range(len(items)):
-            if (largest is None or size <= largest) and await self._reserve(tier, footprint):
+            if (largest is None or size <= largest) and await self.reserve(tier, footprint):
                 fitting.append(i)
             else:
                 tier.stats.dropped_writes += 1
