@@ -369,6 +369,32 @@ def test_the_services_lower_tiers_take_evicted_chunks_and_give_them_back(tmp_pat
         server.stop()
 
 
+def test_a_write_through_service_copies_committed_chunks_to_its_lower_tier(
+    tmp_path: Path,
+) -> None:
+    """A client's chunks committed into a write-through arena reach the nvme tier
+    below through the service store's write-through queue, bit-identical."""
+    disk = tmp_path / "disk"
+    server = NodeServer(tmp_path, lower_tiers=f"  - url: nvme://{disk}?capacity=64MiB\n")
+    server.start()
+    tokens, kv = prompt(5)
+    loop = LoopThread()
+    try:
+        with KVStore.open(store_config(server.url), namespace()) as store:
+            assert store.store(tokens, kv).written == 8
+        client = open_driver(loop, server.url)
+        wait_for(lambda: service_stats(loop, client)["tiers"][1]["chunks_written"] == 8)
+        loop.run(client.close(), 10)
+    finally:
+        loop.stop()
+        server.stop()
+    with KVStore.open(store_config(f"nvme://{disk}?capacity=64MiB"), namespace()) as below:
+        result = below.retrieve(tokens)
+    assert result.tokens == len(tokens)
+    assert result.kv is not None
+    assert torch.equal(result.kv.view(torch.int16), kv.view(torch.int16))
+
+
 @pytest.mark.slow
 def test_the_service_serves_the_control_api_of_its_store(tmp_path: Path) -> None:
     """With ``control.enabled`` the service also serves the HTTP control API of

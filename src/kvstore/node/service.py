@@ -258,6 +258,7 @@ class NodeService:
             self.tier.record(key, self.tier.footprint(size))
         self.tier.stats.chunks_written += len(committed)
         self.tier.stats.bytes_written += sum(size for _, size in committed)
+        await self.store.write_through_held([key for key, _ in committed])
 
     async def _op_abort(self, session: _Session, request: dict[str, Any]) -> None:
         reservation = session.reservations.pop(int(request["id"]), None)
