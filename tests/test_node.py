@@ -369,6 +369,7 @@ def test_the_services_lower_tiers_take_evicted_chunks_and_give_them_back(tmp_pat
         server.stop()
 
 
+@pytest.mark.slow
 def test_a_write_through_service_copies_committed_chunks_to_its_lower_tier(
     tmp_path: Path,
 ) -> None:
