@@ -156,6 +156,37 @@ async def _listed(driver: NodeDriver) -> list[Any]:
     return [entry async for entry in driver.list()]
 
 
+def test_lent_room_is_committed_on_exit_and_freed_on_an_exception(
+    node_service: NodeServer, loop: LoopThread
+) -> None:
+    driver = open_driver(loop, node_service.url)
+    other = open_driver(loop, node_service.url)
+    value = value_of(9, HELD_ROOM)
+
+    async def lend(key: bytes, *, fail: bool) -> None:
+        async with driver.lend_many([(key, len(value))]) as (room,):
+            assert room is not None
+            room[:] = value
+            assert await other.contains_many([key]) == [False], "seen before its commit"
+            if fail:
+                raise RuntimeError("the writer gives up")
+
+    try:
+        free = service_stats(loop, driver)["free_bytes"]
+        with pytest.raises(RuntimeError):
+            loop.run(lend(b"given-up", fail=True), 10)
+        wait_for(lambda: service_stats(loop, driver)["free_bytes"] == free)
+        assert service_stats(loop, driver)["reserved_bytes"] == 0
+        assert loop.run(other.contains_many([b"given-up"]), 10) == [False]
+        loop.run(lend(b"committed", fail=False), 10)
+        assert loop.run(other.get_many([b"committed"]), 10) == [value]
+        assert service_stats(loop, driver)["reserved_bytes"] == 0
+        loop.run(driver.delete_many([b"committed"]), 10)
+    finally:
+        loop.run(driver.close(), 10)
+        loop.run(other.close(), 10)
+
+
 def test_a_killed_client_frees_its_room_and_ends_its_loans(
     node_service: NodeServer, loop: LoopThread
 ) -> None:
