@@ -4,7 +4,8 @@ store URL SEED: store a prompt's KV (from SEED) through a store whose one tier i
 write URL SIZE: put values ``value_of(i, SIZE)`` under ``key_of(i)``, i = 0, 1, ...
     (modulo WRITTEN_KEYS, so the service never needs to evict), printing each i
     once its put has returned, until killed.
-hold URL KEY: reserve room for a value and borrow KEY, print ``holding``, and wait to be killed.
+hold URL KEY: write a value into room the driver lends (never committed) and borrow
+    KEY, print ``holding``, and wait to be killed.
 """
 
 from __future__ import annotations
@@ -88,9 +89,9 @@ async def _write(url: str, size: int) -> None:
 async def _hold(url: str, key: bytes) -> None:
     driver = await NodeDriver.open(NodeConfig.from_url(url))
     await driver.put_many([(key, value_of(7, HELD_ROOM))])
-    async with driver._session() as connection:
-        await driver._request(connection, {"op": "reserve", "items": [[b"held", HELD_ROOM]]})
-    async with driver.borrow_many([key]):
+    async with driver.lend_many([(b"held", HELD_ROOM)]) as (room,), driver.borrow_many([key]):
+        assert room is not None
+        room[:] = value_of(8, HELD_ROOM)
         print("holding", flush=True)
         await asyncio.sleep(3600)
 

@@ -156,6 +156,37 @@ async def _listed(driver: NodeDriver) -> list[Any]:
     return [entry async for entry in driver.list()]
 
 
+def test_lent_room_is_committed_on_exit_and_freed_on_an_exception(
+    node_service: NodeServer, loop: LoopThread
+) -> None:
+    driver = open_driver(loop, node_service.url)
+    other = open_driver(loop, node_service.url)
+    value = value_of(9, HELD_ROOM)
+
+    async def lend(key: bytes, *, fail: bool) -> None:
+        async with driver.lend_many([(key, len(value))]) as (room,):
+            assert room is not None
+            room[:] = value
+            assert await other.contains_many([key]) == [False], "seen before its commit"
+            if fail:
+                raise RuntimeError("the writer gives up")
+
+    try:
+        free = service_stats(loop, driver)["free_bytes"]
+        with pytest.raises(RuntimeError):
+            loop.run(lend(b"given-up", fail=True), 10)
+        wait_for(lambda: service_stats(loop, driver)["free_bytes"] == free)
+        assert service_stats(loop, driver)["reserved_bytes"] == 0
+        assert loop.run(other.contains_many([b"given-up"]), 10) == [False]
+        loop.run(lend(b"committed", fail=False), 10)
+        assert loop.run(other.get_many([b"committed"]), 10) == [value]
+        assert service_stats(loop, driver)["reserved_bytes"] == 0
+        loop.run(driver.delete_many([b"committed"]), 10)
+    finally:
+        loop.run(driver.close(), 10)
+        loop.run(other.close(), 10)
+
+
 def test_a_killed_client_frees_its_room_and_ends_its_loans(
     node_service: NodeServer, loop: LoopThread
 ) -> None:
@@ -175,6 +206,7 @@ def test_a_killed_client_frees_its_room_and_ends_its_loans(
         holder.wait(timeout=10)
         wait_for(lambda: service_stats(loop, driver)["free_bytes"] == free)
         assert service_stats(loop, driver)["reserved_bytes"] == 0
+        assert loop.run(driver.contains_many([b"held"]), 10) == [False]
     finally:
         loop.run(driver.close(), 10)
 
@@ -366,6 +398,33 @@ def test_the_services_lower_tiers_take_evicted_chunks_and_give_them_back(tmp_pat
     finally:
         loop.stop()
         server.stop()
+
+
+@pytest.mark.slow
+def test_a_write_through_service_copies_committed_chunks_to_its_lower_tier(
+    tmp_path: Path,
+) -> None:
+    """A client's chunks committed into a write-through arena reach the nvme tier
+    below through the service store's write-through queue, bit-identical."""
+    disk = tmp_path / "disk"
+    server = NodeServer(tmp_path, lower_tiers=f"  - url: nvme://{disk}?capacity=64MiB\n")
+    server.start()
+    tokens, kv = prompt(5)
+    loop = LoopThread()
+    try:
+        with KVStore.open(store_config(server.url), namespace()) as store:
+            assert store.store(tokens, kv).written == 8
+        client = open_driver(loop, server.url)
+        wait_for(lambda: service_stats(loop, client)["tiers"][1]["chunks_written"] == 8)
+        loop.run(client.close(), 10)
+    finally:
+        loop.stop()
+        server.stop()
+    with KVStore.open(store_config(f"nvme://{disk}?capacity=64MiB"), namespace()) as below:
+        result = below.retrieve(tokens)
+    assert result.tokens == len(tokens)
+    assert result.kv is not None
+    assert torch.equal(result.kv.view(torch.int16), kv.view(torch.int16))
 
 
 @pytest.mark.slow

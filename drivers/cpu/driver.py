@@ -172,19 +172,24 @@ class CpuDriver(Driver[CpuConfig]):
         another process the arena, offsets as in ``ArenaEntry.segments``."""
         return self._memory.fd
 
-    def reserve_room(self, items: Sequence[tuple[bytes, int]]) -> list[ArenaEntry]:
+    def reserve_room(
+        self, items: Sequence[tuple[bytes, int]], *, one_run: bool = False
+    ) -> list[ArenaEntry | None]:
         """Pages for values of the given sizes, to be written in place (through the
         shared mapping) and then published with ``commit_room`` or freed with
         ``abort_room``; unseen by readers until committed. CapacityError when the
-        batch does not fit."""
+        batch does not fit. With ``one_run`` each value gets one contiguous run
+        of pages, ``None`` where no free run can hold it."""
         self._check_open()
-        return self._reserve(items)
+        return self._reserve_runs(items, one_run=one_run)
 
-    def commit_room(self, keys: Sequence[bytes], entries: Sequence[ArenaEntry]) -> None:
-        """Publish reserved room, written in full, as the values of ``keys``."""
-        self._publish(list(keys), list(entries))
+    def commit_room(self, keys: Sequence[bytes], entries: Sequence[ArenaEntry | None]) -> None:
+        """Publish reserved room, written in full, as the values of ``keys``
+        (skipping the ``None`` entries a ``one_run`` reservation may hold)."""
+        lent = [(key, entry) for key, entry in zip(keys, entries, strict=True) if entry is not None]
+        self._publish([key for key, _ in lent], [entry for _, entry in lent])
 
-    def abort_room(self, entries: Sequence[ArenaEntry]) -> None:
+    def abort_room(self, entries: Sequence[ArenaEntry | None]) -> None:
         """Free reserved room that will not be committed."""
         self._discard(list(entries))
 
@@ -505,12 +510,7 @@ class _Room:
     async def __aexit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
         try:
             if exc_type is None:
-                lent = [
-                    (key, entry)
-                    for (key, _), entry in zip(self._items, self._entries, strict=True)
-                    if entry is not None
-                ]
-                self._driver._publish([key for key, _ in lent], [entry for _, entry in lent])
+                self._driver.commit_room([key for key, _ in self._items], self._entries)
             else:
                 self._driver._discard(self._entries)
         finally:

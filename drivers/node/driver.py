@@ -5,7 +5,9 @@ its shared arena and maps it once. A put reserves room, copies the values
 into the mapped arena and commits them; a get borrows the values (the service
 keeps them intact until released) and copies them out; ``borrow_many`` lends
 views of the mapping itself, so the store verifies and copies with no staging
-copy. Only small msgpack messages cross the socket.
+copy; ``lend_many`` lends writable views of reserved room, so the store
+encodes a chunk straight into the arena and commits it. Only small msgpack
+messages cross the socket.
 
 A lost connection (the service stopped or restarted) makes calls fail with
 ``DriverUnavailableError``, which the store serves as misses; the next call
@@ -153,6 +155,7 @@ class NodeDriver(Driver[NodeConfig]):
         listable=True,
         zero_copy=True,
         lends_views=True,
+        lends_room=True,
         shared=True,
         evicts_itself=True,
     )
@@ -166,6 +169,7 @@ class NodeDriver(Driver[NodeConfig]):
             listable=True,
             zero_copy=True,
             lends_views=True,
+            lends_room=True,
             shared=True,
             max_value_bytes=connection.capacity,
             capacity_bytes=None,
@@ -278,6 +282,36 @@ class NodeDriver(Driver[NodeConfig]):
                 yield views
             finally:
                 await self._notify(connection, {"op": "release", "id": reply["id"]})
+
+    def _lend_many(
+        self, items: list[tuple[bytes, int]]
+    ) -> AbstractAsyncContextManager[list[memoryview | None]]:
+        return self._room(items)
+
+    @contextlib.asynccontextmanager
+    async def _room(self, items: list[tuple[bytes, int]]) -> AsyncIterator[list[memoryview | None]]:
+        """Writable views of room the service reserves in its arena, one contiguous
+        run a value (``None`` where no free run holds it); committed when the block
+        exits normally, aborted (the room freed, nothing published) when it exits
+        by an exception. A client that dies meanwhile ends its connection, and
+        the service frees the room with it."""
+        async with self._session() as connection:
+            reply = await self._request(
+                connection,
+                {"op": "reserve", "items": [list(item) for item in items], "one_run": True},
+            )
+            rooms: list[memoryview | None] = []
+            for (_, size), segments in zip(items, reply["rooms"], strict=True):
+                offset = segments[0][0] if segments else 0
+                rooms.append(
+                    None if segments is None else connection.arena[offset : offset + size].data
+                )
+            try:
+                yield rooms
+            except BaseException:
+                await self._notify(connection, {"op": "abort", "id": reply["id"]})
+                raise
+            await self._request(connection, {"op": "commit", "id": reply["id"]})
 
     async def _contains_many(self, keys: list[bytes]) -> list[bool]:
         async with self._session() as connection:

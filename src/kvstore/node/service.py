@@ -68,7 +68,7 @@ could act on, so it need not wait a round trip."""
 class _Reservation:
     keys: list[bytes]
     sizes: list[int]
-    entries: list[ArenaEntry]
+    entries: list[ArenaEntry | None]
     cost: int
 
 
@@ -234,22 +234,31 @@ class NodeService:
         cost = sum(self.tier.footprint(size) for size in sizes)
         await self._make_room(cost)
         try:
-            entries = self.arena.reserve_room(list(zip(keys, sizes)))
+            entries = self.arena.reserve_room(
+                list(zip(keys, sizes)), one_run=bool(request.get("one_run", False))
+            )
         except BaseException:
             self.tier.reserved -= cost
             raise
         reservation_id = next(self._ids)
         session.reservations[reservation_id] = _Reservation(keys, sizes, entries, cost)
-        return {"id": reservation_id, "rooms": [entry.segments for entry in entries]}
+        rooms = [None if entry is None else entry.segments for entry in entries]
+        return {"id": reservation_id, "rooms": rooms}
 
     async def _op_commit(self, session: _Session, request: dict[str, Any]) -> None:
         reservation = session.reservations.pop(int(request["id"]))
         self.arena.commit_room(reservation.keys, reservation.entries)
         self._unreserve(reservation)
-        for key, size in zip(reservation.keys, reservation.sizes):
+        committed = [
+            (key, size)
+            for key, size, entry in zip(reservation.keys, reservation.sizes, reservation.entries)
+            if entry is not None
+        ]
+        for key, size in committed:
             self.tier.record(key, self.tier.footprint(size))
-        self.tier.stats.chunks_written += len(reservation.keys)
-        self.tier.stats.bytes_written += sum(reservation.sizes)
+        self.tier.stats.chunks_written += len(committed)
+        self.tier.stats.bytes_written += sum(size for _, size in committed)
+        await self.store.write_through_held([key for key, _ in committed])
 
     async def _op_abort(self, session: _Session, request: dict[str, Any]) -> None:
         reservation = session.reservations.pop(int(request["id"]), None)
@@ -352,7 +361,7 @@ class NodeService:
         """Reserve ``cost`` bytes in the first tier through the store's own placement:
         it evicts in the tier's policy order, skips pinned and borrowed chunks, and
         hands write-back chunks down to the tier below; CapacityError if it cannot."""
-        if not await self.store._reserve(self.tier, cost):
+        if not await self.store.reserve(self.tier, cost):
             raise CapacityError(
                 f"{cost} bytes do not fit in the node tier of {self.tier.capacity} bytes",
                 driver=self.arena.name,

@@ -39,7 +39,7 @@ class Placement(Encoding):
         fitting: list[EncodedChunk] = []
         for chunk in chunks:
             too_large = largest is not None and len(chunk.view) > largest
-            if not too_large and await self._reserve(tier, tier.footprint(len(chunk.view))):
+            if not too_large and await self.reserve(tier, tier.footprint(len(chunk.view))):
                 fitting.append(chunk)
             else:
                 tier.stats.dropped_writes += 1
@@ -101,10 +101,18 @@ class Placement(Encoding):
         self._record_written(tier, landed)
         return {key for key, _ in landed}
 
-    async def _reserve(self, tier: Tier, size: int) -> bool:
-        """Make room for ``size`` more bytes (a footprint) in ``tier`` and reserve
-        them. It evicts again if a read borrowed a victim before the driver
-        deleted it: that victim keeps its room until the loan ends."""
+    async def reserve(self, tier: Tier, size: int) -> bool:
+        """Make room for ``size`` more bytes (a footprint, ``tier.footprint``) in
+        ``tier`` and reserve them; ``False`` when they cannot fit.
+
+        Room is made by evicting in the tier's policy order, never a pinned
+        chunk or one being read (a victim borrowed before the driver deleted it
+        keeps its room until the loan ends, and the loop evicts again); a
+        write-back tier hands its victims down to the tier below first. The
+        caller owns the reservation: it gives it back with ``tier.reserved -=
+        size`` once the bytes are written (and recorded with ``tier.record``) or
+        abandoned. Every write into a tier goes through here, the store's own
+        and the node service's room for its clients."""
         async with tier.room_lock:
             while (need := tier.occupied_bytes + size - tier.limit) > 0:
                 victims = tier.victims(need, self._is_pinned)

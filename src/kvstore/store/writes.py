@@ -140,7 +140,7 @@ class WritePipeline(Placement):
         fitting: list[int] = []
         dropped: list[int] = []
         for i in range(len(items)):
-            if (largest is None or size <= largest) and await self._reserve(tier, footprint):
+            if (largest is None or size <= largest) and await self.reserve(tier, footprint):
                 fitting.append(i)
             else:
                 tier.stats.dropped_writes += 1
@@ -188,18 +188,25 @@ class WritePipeline(Placement):
         or a driver that lends no views) is encoded again from its KV."""
         chunks: list[EncodedChunk] = []
         for key, kv in items:
-            loan = contextlib.AsyncExitStack()
-            try:
-                (view,) = await loan.enter_async_context(tier.borrow([key]))
-            except KVStoreError as exc:
-                tier.note_error("borrow_many", exc)
-                view = None
-            if view is None:
-                await loan.aclose()
-                chunks.append(await self._encode(key, kv, tier.codecs))
-                continue
-            chunks.append(EncodedChunk(key, view, tier.codecs, None, self._pool, loan=loan))
+            chunk = await self._borrowed_chunk(tier, key, trusted=True)
+            chunks.append(chunk if chunk is not None else await self._encode(key, kv, tier.codecs))
         return chunks
+
+    async def _borrowed_chunk(
+        self, tier: Tier, key: bytes, *, trusted: bool
+    ) -> EncodedChunk | None:
+        """The chunk ``tier`` holds under ``key``, as a view its driver lends until
+        the chunk's last release; ``None`` where the driver lends none."""
+        loan = contextlib.AsyncExitStack()
+        try:
+            (view,) = await loan.enter_async_context(tier.borrow([key]))
+        except KVStoreError as exc:
+            tier.note_error("borrow_many", exc)
+            view = None
+        if view is None:
+            await loan.aclose()
+            return None
+        return EncodedChunk(key, view, tier.codecs, None, self._pool, trusted=trusted, loan=loan)
 
     def _writes_through(self, tier: Tier) -> bool:
         """Whether writes to ``tier`` are queued for the tier below it."""
@@ -212,6 +219,26 @@ class WritePipeline(Placement):
                 break
             for chunk in chunks:
                 await self._enqueue(tier, chunk.retain())
+
+    async def write_through_held(self, keys: Sequence[bytes]) -> None:
+        """Queue chunks the first tier already holds for the tiers below it, as its
+        write-through policy says, when another process wrote them there (the
+        node service's clients commit into its arena). The store's own queues
+        take them, reading views the first tier lends, with no copy; a chunk it
+        no longer holds is skipped."""
+        first = self.tiers[0]
+        if not self._writes_through(first):
+            return
+        chunks: list[EncodedChunk] = []
+        for key in keys:
+            chunk = await self._borrowed_chunk(first, key, trusted=not first.verify)
+            if chunk is not None:
+                chunks.append(chunk)
+        try:
+            await self._write_through(chunks)
+        finally:
+            for chunk in chunks:
+                chunk.release()
 
     async def _enqueue(self, tier: Tier, chunk: EncodedChunk, *, wait: bool = True) -> None:
         """Queue ``chunk`` for ``tier`` within the write budget. ``wait=False`` (a
