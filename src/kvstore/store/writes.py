@@ -6,7 +6,9 @@ import asyncio
 import concurrent.futures
 import contextlib
 import time
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Coroutine, Sequence
+from typing import Any
 
 import torch
 
@@ -29,6 +31,82 @@ from kvstore.store.encoded import EncodedChunk
 from kvstore.store.placement import Placement
 from kvstore.store.queue import WriteJob
 from kvstore.tier import Tier
+
+WRITES_IN_FLIGHT = 3
+"""Batch writes ``store`` keeps under way on the first tier at most: enough that
+a driver ending each batch with syncs (nvme: fsync, rename, directory fsync)
+has the next batches' bytes queued meanwhile, so its device queue never drains."""
+
+
+class BatchWrites:
+    """The batch writes of one ``store`` under way on the first tier, at most
+    ``depth`` at once; ``written`` sums the chunks of those that have ended.
+    Each write releases its chunks when it ends, however it ends."""
+
+    def __init__(self, depth: int) -> None:
+        self.depth = depth
+        self.written = 0
+        self._under_way: deque[asyncio.Task[int]] = deque()
+
+    async def start(self, write: Coroutine[Any, Any, int], chunks: list[EncodedChunk]) -> None:
+        """Start ``write`` of ``chunks`` once fewer than ``depth`` are under way
+        (waiting for the oldest to end first)."""
+        try:
+            while len(self._under_way) >= self.depth:
+                oldest = self._under_way[0]
+                try:
+                    self.written += await oldest
+                finally:
+                    if oldest.done():
+                        self._under_way.popleft()
+        except BaseException:
+            write.close()
+            _release(chunks)
+            raise
+        task = asyncio.ensure_future(write)
+        task.add_done_callback(lambda _: _release(chunks))
+        self._under_way.append(task)
+
+    async def finish(self) -> None:
+        """Wait until every write under way has ended; then raise the first failure."""
+        outcomes = await asyncio.gather(*self._under_way, return_exceptions=True)
+        self._under_way.clear()
+        self.written += sum(outcome for outcome in outcomes if isinstance(outcome, int))
+        failure = next((o for o in outcomes if isinstance(o, BaseException)), None)
+        if failure is not None:
+            raise failure
+
+    async def cancel(self) -> None:
+        """Cancel every write under way and wait until each has ended (the tier
+        still counts what a cancelled put stored: ``Tier.call``)."""
+        for task in self._under_way:
+            task.cancel()
+        await asyncio.gather(*self._under_way, return_exceptions=True)
+        self._under_way.clear()
+
+
+def _release(chunks: list[EncodedChunk]) -> None:
+    for chunk in chunks:
+        chunk.release()
+
+
+def _encoded(outcomes: list[EncodedChunk | BaseException]) -> list[EncodedChunk]:
+    """The chunks of a batch's encode; if one failed, the others are released
+    and the first failure is raised."""
+    chunks = [outcome for outcome in outcomes if isinstance(outcome, EncodedChunk)]
+    failure = next((o for o in outcomes if isinstance(o, BaseException)), None)
+    if failure is not None:
+        _release(chunks)
+        raise failure
+    return chunks
+
+
+async def _discard(pending: asyncio.Future[list[EncodedChunk | BaseException]]) -> None:
+    """Wait for an encode no longer wanted to end (its threads cannot be
+    stopped), then release what it encoded."""
+    await asyncio.wait([pending])
+    if not pending.cancelled() and pending.exception() is None:
+        _release([o for o in pending.result() if isinstance(o, EncodedChunk)])
 
 
 class WritePipeline(Placement):
@@ -75,7 +153,11 @@ class WritePipeline(Placement):
         return await self._store_chunks(keys, list(chunks))
 
     async def _store_chunks(self, keys: list[bytes], chunks: list[torch.Tensor]) -> StoreResult:
-        """Encode the chunks the first tier lacks, write them there and queue them below."""
+        """Encode the chunks the first tier lacks, write them there and queue them below.
+
+        Batches are written while the next is encoded, with up to
+        ``_writes_in_flight()`` writes under way at once, so a driver that ends
+        each batch with a sync (nvme) keeps its queue full meanwhile."""
         first = self.tiers[0]
         fresh = []
         for i, key in enumerate(keys):
@@ -86,45 +168,68 @@ class WritePipeline(Placement):
         per_batch = self._chunks_per_batch()
         batches = [fresh[start : start + per_batch] for start in range(0, len(fresh), per_batch)]
 
-        def encode(batch: list[int]) -> asyncio.Future[list[EncodedChunk]]:
-            return asyncio.gather(*(self._encode(keys[i], chunks[i], first.codecs) for i in batch))
+        def encode(batch: list[int]) -> asyncio.Future[list[EncodedChunk | BaseException]]:
+            return asyncio.gather(
+                *(self._encode(keys[i], chunks[i], first.codecs) for i in batch),
+                return_exceptions=True,
+            )
 
-        written = 0
+        writes = BatchWrites(self._writes_in_flight())
         lending = first.lends_room and not first.codecs and first.down is None
         pending = encode(batches[0]) if batches and not lending else None
-        for number, batch in enumerate(batches):
-            if lending:
-                items = [(keys[i], chunks[i]) for i in batch]
-                lent, rest, dropped = await self._write_lent(first, items)
-                written += len(lent)
-                if self._writes_through(first):
-                    below = await self._lent_chunks(first, [items[i] for i in lent])
-                    below.extend(await encode([batch[i] for i in dropped]))
-                    try:
-                        await self._write_through(below)
-                    finally:
-                        for chunk in below:
-                            chunk.release()
-                if not rest:
-                    continue
-                pending = encode([batch[i] for i in rest])
-            assert pending is not None
-            encoded = list(await pending)
-            following = number + 1 < len(batches) and not lending
-            pending = encode(batches[number + 1]) if following else None
-            try:
-                written += await self._write(first, encoded)
-                await self._write_through(encoded)
-            finally:
-                for chunk in encoded:
-                    chunk.release()
+        try:
+            for number, batch in enumerate(batches):
+                if lending:
+                    items = [(keys[i], chunks[i]) for i in batch]
+                    lent, rest, dropped = await self._write_lent(first, items)
+                    writes.written += len(lent)
+                    if self._writes_through(first):
+                        below = await self._lent_chunks(first, [items[i] for i in lent])
+                        try:
+                            pending = encode([batch[i] for i in dropped])
+                            outcomes = await asyncio.shield(pending)
+                            pending = None
+                            below.extend(_encoded(outcomes))
+                            await self._write_through(below)
+                        finally:
+                            _release(below)
+                    if not rest:
+                        continue
+                    pending = encode([batch[i] for i in rest])
+                assert pending is not None
+                outcomes = await asyncio.shield(pending)
+                pending = None
+                encoded = _encoded(outcomes)
+                if number + 1 < len(batches) and not lending:
+                    pending = encode(batches[number + 1])
+                await writes.start(self._write_batch(first, encoded), encoded)
+        except asyncio.CancelledError:
+            await writes.cancel()
+            raise
+        finally:
+            if pending is not None:
+                await _discard(pending)
+            await writes.finish()
         return StoreResult(
             chunks=len(keys),
-            written=written,
+            written=writes.written,
             already_cached=len(keys) - len(fresh),
-            failed=len(fresh) - written,
+            failed=len(fresh) - writes.written,
             chunk_tokens=self.chunk_tokens,
         )
+
+    def _writes_in_flight(self) -> int:
+        """How many batch writes ``store`` keeps under way on the first tier: up to
+        ``WRITES_IN_FLIGHT``, and no more than ``read_ahead``, so that with the
+        batch being encoded a store holds no more pooled buffers than the pool
+        keeps for a retrieve."""
+        return min(WRITES_IN_FLIGHT, self.config.read_ahead)
+
+    async def _write_batch(self, tier: Tier, encoded: list[EncodedChunk]) -> int:
+        """Write one encoded batch to ``tier`` and queue it below; the chunks written."""
+        written = await self._write(tier, encoded)
+        await self._write_through(encoded)
+        return written
 
     async def _write_lent(
         self, tier: Tier, items: list[tuple[bytes, torch.Tensor]]
