@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from test_store import CHUNK, CHUNK_BYTES, config, prompt
+from test_store import CHUNK, CHUNK_BYTES, CHUNK_ROOM, config, prompt
 from test_store_hot_path import COUNT_ONLY, NAMESPACE
 
 from kvstore.conformance.faults import FaultPlan, FaultyConfig, FaultyDriver
@@ -18,7 +18,7 @@ from kvstore.driver import Driver
 from kvstore.errors import TransientError
 from kvstore.registry import open_driver
 from kvstore.store import AsyncKVStore
-from kvstore.store.writes import WRITES_IN_FLIGHT
+from kvstore.store.writes import WRITE_LOAN_SHARE, WRITES_IN_FLIGHT
 
 CHUNKS = 8
 
@@ -144,4 +144,37 @@ async def test_a_cancelled_store_releases_every_buffer_and_counts_what_landed(
         assert [key in first.index for key in store.keys(ids)] == held
         assert out == [0], "every pooled buffer is back, the next batch's encode included"
     finally:
+        await store.close()
+
+
+async def test_chunks_waiting_for_a_stalled_tier_below_do_not_fill_the_first(
+    tmp_path: Path,
+) -> None:
+    """Chunks queued for a tier that does not take them keep at most
+    ``WRITE_LOAN_SHARE`` of the first tier on loan: the rest are copies, so the
+    full first tier still evicts and takes every new chunk."""
+    nvme_url = f"nvme://{tmp_path}/n?capacity=64MiB"
+    below = GatedPuts.wrap(await open_driver(nvme_url), COUNT_ONLY)
+    assert isinstance(below, GatedPuts)
+    below.gate.clear()
+    cpu_url = "cpu://?capacity=16MiB"
+    first = await open_driver(cpu_url)
+    store = await AsyncKVStore.open(
+        config({"url": cpu_url, "max_bytes": 8 * CHUNK_ROOM}, nvme_url),
+        NAMESPACE,
+        drivers=[first, below],
+    )
+    try:
+        tier = store.tiers[0]
+        for seed in range(6):
+            ids, kv = prompt(100 + seed, 4 * CHUNK)
+            result = await store.store(ids, kv)
+            assert result.written == 4, f"store {seed}: {result}"
+            assert tier.write_loan_bytes <= WRITE_LOAN_SHARE * tier.limit
+        assert tier.stats.evictions > 0
+        below.gate.set()
+        await store.flush()
+        assert tier.write_loan_bytes == 0
+    finally:
+        below.gate.set()
         await store.close()

@@ -76,6 +76,7 @@ class Tier:
         self._overdue: set[asyncio.Future[Any]] = set()
         self.reserved = 0
         self.held_bytes = 0
+        self.write_loan_bytes = 0
         self.room_lock = asyncio.Lock()
         self._reading: Counter[bytes] = Counter()
         self._held: dict[bytes, int] = {}
@@ -163,6 +164,11 @@ class Tier:
                 yield views
         finally:
             self._end_reading(lent)
+
+    def end_write_loan(self, size: int) -> None:
+        """A chunk lent to the writes below this tier was let go: ``write_loan_bytes``
+        counts the footprints of those still lent."""
+        self.write_loan_bytes -= size
 
     def _begin_reading(self, keys: Sequence[bytes]) -> None:
         self._reading.update(keys)

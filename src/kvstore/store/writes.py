@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from kvstore.buffers import byte_view
 from kvstore.chunk import encode_chunk
 from kvstore.errors import (
     CapacityError,
@@ -31,6 +32,9 @@ from kvstore.store.encoded import EncodedChunk
 from kvstore.store.placement import Placement
 from kvstore.store.queue import WriteJob
 from kvstore.tier import Tier
+
+WRITE_LOAN_SHARE = 0.25
+"""The most of a tier's room that chunks lent to the writes below it may hold."""
 
 WRITES_IN_FLIGHT = 3
 """Batch writes ``store`` keeps under way on the first tier at most: enough that
@@ -301,7 +305,12 @@ class WritePipeline(Placement):
         self, tier: Tier, key: bytes, *, trusted: bool
     ) -> EncodedChunk | None:
         """The chunk ``tier`` holds under ``key``, as a view its driver lends until
-        the chunk's last release; ``None`` where the driver lends none."""
+        the chunk's last release; ``None`` where the driver lends none.
+
+        A loan keeps the chunk's room taken until the writes below are done, and
+        those wait in the queue behind a slow tier: past ``WRITE_LOAN_SHARE`` of
+        the tier's room on loan, the chunk is copied into a pooled buffer and its
+        loan ends at once, so a full tier can still evict to take new chunks."""
         loan = contextlib.AsyncExitStack()
         try:
             (view,) = await loan.enter_async_context(tier.borrow([key]))
@@ -311,6 +320,16 @@ class WritePipeline(Placement):
         if view is None:
             await loan.aclose()
             return None
+        room = min(tier.limit, tier.driver.capabilities.max_value_bytes or tier.limit)
+        size = tier.footprint(len(view))
+        if tier.write_loan_bytes + size > room * WRITE_LOAN_SHARE:
+            buffer = self._pool.acquire(len(view))
+            buffer[: len(view)].numpy()[:] = view
+            await loan.aclose()
+            copied = byte_view(buffer)[: len(view)]
+            return EncodedChunk(key, copied, tier.codecs, buffer, self._pool, trusted=trusted)
+        tier.write_loan_bytes += size
+        loan.callback(tier.end_write_loan, size)
         return EncodedChunk(key, view, tier.codecs, None, self._pool, trusted=trusted, loan=loan)
 
     def _writes_through(self, tier: Tier) -> bool:
