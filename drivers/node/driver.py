@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import dataclasses
 import mmap
 import os
 import socket
@@ -164,16 +165,9 @@ class NodeDriver(Driver[NodeConfig]):
         super().__init__(config)
         self._connection: _Connection | None = connection
         self._page_size = connection.page_size
-        self._capabilities = Capabilities(
-            persistent=False,
-            listable=True,
-            zero_copy=True,
-            lends_views=True,
-            lends_room=True,
-            shared=True,
+        self._capabilities = dataclasses.replace(
+            self.static_capabilities,
             max_value_bytes=connection.capacity,
-            capacity_bytes=None,
-            evicts_itself=True,
             details=(
                 ("socket", str(config.socket_path)),
                 ("service_capacity", format_size(connection.capacity)),
