@@ -96,7 +96,7 @@ async def test_a_cancelled_loan_frees_its_room_and_was_never_visible() -> None:
 
 async def test_retrieve_reads_a_shared_tier_without_asking_first(tmp_path: Path) -> None:
     url = f"fsspec+memory://hot-path-{tmp_path.name}"
-    shared = {"url": url, "capacity": 64 << 20}
+    shared = {"url": url, "max_bytes": 64 << 20}
     writer = await AsyncKVStore.open(config("cpu://?capacity=16MiB", shared), NAMESPACE)
     ids, kv = prompt(3, 3 * CHUNK)
     try:
