@@ -206,7 +206,7 @@ async def test_chunks_the_first_tier_cannot_hold_still_reach_the_tier_below(
 ) -> None:
     store = await AsyncKVStore.open(
         config(
-            {"url": "cpu://?capacity=16MiB", "capacity": 2 * CHUNK_ROOM},
+            {"url": "cpu://?capacity=16MiB", "max_bytes": 2 * CHUNK_ROOM},
             f"nvme://{tmp_path}/n?capacity=64MiB",
         ),
         NAMESPACE,
