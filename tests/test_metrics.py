@@ -73,7 +73,7 @@ async def two_tiers(tmp_path: Path) -> AsyncIterator[AsyncKVStore]:
     store = await AsyncKVStore.open(
         config(
             "counters",
-            {"url": "cpu://?capacity=16MiB", "name": "ram", "capacity": 4 * CHUNK_ROOM},
+            {"url": "cpu://?capacity=16MiB", "name": "ram", "max_bytes": 4 * CHUNK_ROOM},
             {"url": f"nvme://{tmp_path}/nvme?capacity=64MiB", "name": "disk"},
         ),
         NAMESPACE,
