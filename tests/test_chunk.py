@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvstore.chunk import decode_chunk, encode_chunk, raw_chunk_size, read_header
+from kvstore.chunk import decode_chunk, encode_chunk, hashed_chunk, raw_chunk_size, read_header
 from kvstore.codecs import codec_stack
 from kvstore.errors import ConfigError, IntegrityError, InvalidArgumentError
 from kvstore.layout import KVLayout
@@ -107,6 +107,27 @@ def test_verify_off_still_checks_structure() -> None:
     decode_chunk(data, key=KEY, layout=LAYOUT, tokens=TOKENS, verify=False)
     with pytest.raises(IntegrityError):
         decode_chunk(data[:-1], key=KEY, layout=LAYOUT, tokens=TOKENS, verify=False)
+
+
+def test_an_unhashed_chunk_is_read_unverified_only_and_hashed_to_leave() -> None:
+    whole = sample_kv(tokens=3 * TOKENS)
+    piece = whole[:, :, TOKENS : 2 * TOKENS]
+    room = torch.zeros(raw_chunk_size(piece), dtype=torch.uint8)
+    unhashed = encode_chunk(KEY, piece, out=room, digest=False)
+    assert not read_header(unhashed).hashed
+    target = torch.zeros(LAYOUT.shape(TOKENS), dtype=LAYOUT.torch_dtype)
+    decode_chunk(unhashed, key=KEY, layout=LAYOUT, tokens=TOKENS, out=target, verify=False)
+    assert torch.equal(target, piece)
+    with pytest.raises(IntegrityError, match="no payload digest"):
+        decode_chunk(unhashed, key=KEY, layout=LAYOUT, tokens=TOKENS)
+
+    hashed = hashed_chunk(unhashed, torch.zeros(len(unhashed) + 64, dtype=torch.uint8))
+    assert bytes(hashed) == bytes(encode_chunk(KEY, piece)), "the same bytes as hashed on store"
+    assert torch.equal(decode_chunk(hashed, key=KEY, layout=LAYOUT, tokens=TOKENS), piece)
+    with pytest.raises(InvalidArgumentError):
+        hashed_chunk(hashed, torch.zeros(len(hashed), dtype=torch.uint8))
+    with pytest.raises(InvalidArgumentError):
+        encode_chunk(KEY, piece, codecs=codec_stack("lz4"), digest=False)
 
 
 def test_bad_arguments() -> None:

@@ -7,12 +7,15 @@ import asyncio
 import contextlib
 import logging
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 from test_store import CHUNK, CHUNK_ROOM, LAYOUT, config, prompt
 
+from kvstore.chunk import read_header
 from kvstore.conformance.faults import FaultPlan, FaultyDriver
+from kvstore.driver import Driver
 from kvstore.drivers.cpu.driver import CpuDriver
 from kvstore.keys import Namespace
 from kvstore.registry import open_driver
@@ -221,3 +224,70 @@ async def test_chunks_the_first_tier_cannot_hold_still_reach_the_tier_below(
         assert loaded.kv is not None and torch.equal(loaded.kv, kv)
     finally:
         await store.close()
+
+
+async def _hashed_flags(driver: Driver[Any], keys: list[bytes]) -> list[bool]:
+    """Whether each chunk ``driver`` holds under ``keys`` carries its digest."""
+    return [read_header(memoryview(v)).hashed for v in await driver.get_many(keys) if v]
+
+
+async def test_a_tier_nobody_verifies_stores_unhashed_and_hashes_what_leaves_it(
+    tmp_path: Path,
+) -> None:
+    """A write-back cpu tier that does not verify skips the digest on store; write-back,
+    move and compress give every chunk that leaves it its digest, and the tier below
+    verifies them."""
+    cpu = await open_driver("cpu://?capacity=16MiB")
+    nvme = await open_driver(f"nvme://{tmp_path}/n?capacity=64MiB")
+    store = await AsyncKVStore.open(
+        config(
+            {
+                "url": "cpu://?capacity=16MiB",
+                "max_bytes": 3 * CHUNK_ROOM,
+                "write_policy": "write-back",
+            },
+            f"nvme://{tmp_path}/n?capacity=64MiB",
+        ),
+        NAMESPACE,
+        drivers=[cpu, nvme],
+    )
+    try:
+        ids, kv = prompt(3, 5 * CHUNK)
+        keys = store.keys(ids)
+        assert (await store.store(ids[: 3 * CHUNK], kv[:, :, : 3 * CHUNK])).written == 3
+        assert await _hashed_flags(cpu, keys[:3]) == [False] * 3
+        assert (await store.compress(store.tiers[0].name, "raw")).unchanged == 3
+
+        assert (await store.store(ids, kv)).written == 2, "two more chunks evict two"
+        await store.flush()
+        handed_down = [key for key in keys if key in store.tiers[1].index]
+        assert len(handed_down) == 2
+        assert await _hashed_flags(nvme, handed_down) == [True, True]
+
+        moved = await store.move(store.tiers[0].name, store.tiers[1].name)
+        assert moved.copied == 3 and moved.corrupt == 0
+        assert await _hashed_flags(nvme, keys) == [True] * 5
+        await store.clear(tier=store.tiers[0].name)
+        loaded = await store.retrieve(ids)
+        assert loaded.chunk_tiers[:5] == (store.tiers[1].name,) * 5
+        assert loaded.kv is not None and torch.equal(loaded.kv, kv)
+    finally:
+        await store.close()
+
+
+async def test_chunks_are_hashed_on_store_where_they_are_verified_or_written_through(
+    tmp_path: Path,
+) -> None:
+    for tiers in (
+        [{"url": "cpu://?capacity=16MiB", "verify": True}],
+        ["cpu://?capacity=16MiB", f"nvme://{tmp_path}/n?capacity=64MiB"],
+    ):
+        cpu = await open_driver("cpu://?capacity=16MiB")
+        below = [await open_driver(f"nvme://{tmp_path}/n?capacity=64MiB")] if len(tiers) > 1 else []
+        store = await AsyncKVStore.open(config(*tiers), NAMESPACE, drivers=[cpu, *below])
+        try:
+            ids, kv = prompt(4, 2 * CHUNK)
+            assert (await store.store(ids, kv)).written == 2
+            assert await _hashed_flags(cpu, store.keys(ids)) == [True, True]
+        finally:
+            await store.close()

@@ -35,6 +35,11 @@ FLAG_MLA = 1
 FLAG_BLOCK_DIGEST = 2
 """The payload digest is over 1 MiB blocks (``kvstore.digest``); every chunk this
 version writes sets it. Without it, the digest is the xxh3-128 of the payload."""
+FLAG_UNHASHED = 4
+"""The payload digest was not computed (the digest field is zero): only a raw
+chunk in memory of the process that wrote it, on a tier that does not verify,
+is written so; every copy of it to another tier computes the digest first
+(``hashed_chunk``). A reader that verifies rejects it."""
 
 # magic, version, header length, flags, dtype code, ndim, codec count, reserved,
 # payload length, raw length, payload digest (xxh3-128), chunk key (32 bytes)
@@ -58,6 +63,7 @@ class ChunkHeader:
     mla: bool
     header_len: int
     block_digest: bool = True
+    hashed: bool = True
 
 
 def header_length(ndim: int, ncodecs: int) -> int:
@@ -72,13 +78,15 @@ def _pack_header(
     key: bytes,
     dtype: str,
     shape: Sequence[int],
-    codecs: Sequence[Codec],
+    codec_ids: Sequence[int],
     payload_len: int,
     raw_len: int,
-    digest: bytes,
+    digest: bytes | None,
     mla: bool,
 ) -> None:
+    """Write a header into ``buffer``; ``digest=None`` marks the chunk unhashed."""
     size = len(buffer)
+    flags = FLAG_BLOCK_DIGEST | (FLAG_MLA if mla else 0) | (FLAG_UNHASHED if digest is None else 0)
     buffer[:size] = bytes(size)
     _FIXED.pack_into(
         buffer,
@@ -86,20 +94,18 @@ def _pack_header(
         MAGIC,
         FORMAT_VERSION,
         size,
-        FLAG_BLOCK_DIGEST | (FLAG_MLA if mla else 0),
+        flags,
         DTYPE_CODES[dtype],
         len(shape),
-        len(codecs),
+        len(codec_ids),
         0,
         payload_len,
         raw_len,
-        digest,
+        bytes(16) if digest is None else digest,
         key,
     )
     struct.pack_into(f"<{len(shape)}I", buffer, _FIXED.size, *shape)
-    struct.pack_into(
-        f"<{len(codecs)}H", buffer, _FIXED.size + 4 * len(shape), *(c.id for c in codecs)
-    )
+    struct.pack_into(f"<{len(codec_ids)}H", buffer, _FIXED.size + 4 * len(shape), *codec_ids)
     _CHECKSUM.pack_into(buffer, size - _CHECKSUM.size, xxhash.xxh32_intdigest(buffer[: size - 4]))
 
 
@@ -115,6 +121,7 @@ def encode_chunk(
     mla: bool = False,
     codecs: Sequence[Codec] = (),
     out: torch.Tensor | None = None,
+    digest: bool = True,
 ) -> memoryview:
     """Serialise one chunk of KV (any strides, on CPU) with its header.
 
@@ -125,7 +132,10 @@ def encode_chunk(
     KV goes to ``out`` in one device-to-host copy (DMA, when ``out`` is pinned),
     then is hashed. The result is a view of the encoded bytes. A stack that
     starts with a quantizer also takes device KV: it is quantized there and
-    only the codes cross to host.
+    only the codes cross to host. ``digest=False`` (raw chunks only) copies
+    without hashing and marks the chunk unhashed (``FLAG_UNHASHED``): for a
+    tier of this process's memory that does not verify, where the digest would
+    be computed for nobody.
     """
     check_order(codecs)
     quantizer = codecs[0] if codecs and isinstance(codecs[0], TensorCodec) else None
@@ -140,6 +150,9 @@ def encode_chunk(
     context = ChunkContext(key, dtype, shape, mla, tuple(c.id for c in codecs))
     raw_len = kv.numel() * kv.element_size()
     size = header_length(len(shape), len(codecs))
+    if not digest and codecs:
+        raise InvalidArgumentError("only a raw chunk (no codecs) is stored unhashed")
+    payload_hash: bytes | None
     if not codecs:
         if out is None:
             out = torch.empty(size + raw_len, dtype=torch.uint8)
@@ -149,13 +162,15 @@ def encode_chunk(
             )
         view = byte_view(out)[: size + raw_len]
         payload: memoryview | bytes = view[size:]
-        pieces = tensor_pieces(kv)
+        pieces = tensor_pieces(kv) if digest else None
         if pieces is None:
             if raw_len:
                 out[size : size + raw_len].view(kv.dtype).view(shape).copy_(kv)
-            digest = payload_digest(payload)
+            payload_hash = payload_digest(payload) if digest else None
         else:
-            digest = copy_with_digest(out[size : size + raw_len].numpy(), pieces, "into_payload")
+            payload_hash = copy_with_digest(
+                out[size : size + raw_len].numpy(), pieces, "into_payload"
+            )
     else:
         data: Buffer = quantizer.encode_tensor(kv) if quantizer else byte_view(kv.contiguous())
         for codec in codecs[1:] if quantizer else codecs:
@@ -164,17 +179,47 @@ def encode_chunk(
         payload = memoryview(data).cast("B")
         view = memoryview(bytearray(size + len(payload)))
         view[size:] = payload
-        digest = payload_digest(payload)
+        payload_hash = payload_digest(payload)
     _pack_header(
         view[:size],
         key=key,
         dtype=dtype,
         shape=shape,
-        codecs=codecs,
+        codec_ids=[c.id for c in codecs],
         payload_len=len(payload),
         raw_len=raw_len,
-        digest=digest,
+        digest=payload_hash,
         mla=mla,
+    )
+    return view
+
+
+def hashed_chunk(value: memoryview, out: torch.Tensor) -> memoryview:
+    """An unhashed chunk (``FLAG_UNHASHED``) copied into ``out`` (a contiguous
+    uint8 tensor of at least ``len(value)`` bytes) with its digest computed in
+    the same pass: the form in which it may leave the memory it was written to.
+    Returns the view of ``out`` holding it."""
+    header = read_header(value)
+    if header.hashed:
+        raise InvalidArgumentError("the chunk already carries its digest")
+    if out.dtype != torch.uint8 or out.numel() < len(value) or not out.is_contiguous():
+        raise InvalidArgumentError(
+            f"out must be a contiguous uint8 tensor of >= {len(value)} bytes"
+        )
+    size = header.header_len
+    view = byte_view(out)[: len(value)]
+    source = np.frombuffer(value, dtype=np.uint8)[size:]
+    digest = copy_with_digest(out[size : len(value)].numpy(), [source], "into_payload")
+    _pack_header(
+        view[:size],
+        key=header.key,
+        dtype=header.dtype,
+        shape=header.shape,
+        codec_ids=header.codec_ids,
+        payload_len=header.payload_len,
+        raw_len=header.raw_len,
+        digest=digest,
+        mla=header.mla,
     )
     return view
 
@@ -221,6 +266,7 @@ def read_header(data: memoryview) -> ChunkHeader:
         mla=bool(flags & FLAG_MLA),
         header_len=size,
         block_digest=bool(flags & FLAG_BLOCK_DIGEST),
+        hashed=not flags & FLAG_UNHASHED,
     )
 
 
@@ -260,16 +306,12 @@ def decode_chunk(
         raise IntegrityError(f"chunk is {len(view)} bytes, its header says {end}")
     payload = view[header.header_len :]
     pieces = None
-    if out is not None and not header.codec_ids and out.dtype == DTYPES[header.dtype]:
+    fused = verify and header.block_digest and header.hashed
+    if fused and out is not None and not header.codec_ids and out.dtype == DTYPES[header.dtype]:
         pieces = tensor_pieces(out)
     if pieces is not None and header.raw_len == len(payload) == layout.nbytes(tokens):
-        digest = copy_with_digest(
-            np.frombuffer(payload, dtype=np.uint8),
-            pieces,
-            "from_payload",
-            digest=verify and header.block_digest,
-        )
-        _check_digest(header, payload, digest if header.block_digest else None, verify=verify)
+        digest = copy_with_digest(np.frombuffer(payload, dtype=np.uint8), pieces, "from_payload")
+        _check_digest(header, payload, digest, verify=verify)
         assert out is not None
         return out
     _check_digest(header, payload, None, verify=verify)
@@ -312,6 +354,8 @@ def _check_digest(
     (``computed``, else computed here as the header's flags say)."""
     if not verify:
         return
+    if not header.hashed:
+        raise IntegrityError("chunk carries no payload digest to verify")
     if computed is None:
         computed = (
             payload_digest(payload) if header.block_digest else xxhash.xxh3_128_digest(payload)

@@ -101,11 +101,9 @@ def copy_with_digest(
     if len(work) == 1:
         digests = run(*work[0])
     else:
-        futures = [_pool().submit(run, *share) for share in work[1:]]
-        try:
-            digests = run(*work[0])
-        finally:
-            concurrent.futures.wait(futures)
+        futures = [_pool().submit(run, *share) for share in work]
+        concurrent.futures.wait(futures)
+        digests = []
         for future in futures:
             digests.extend(future.result())
     return xxhash.xxh3_128_digest(b"".join(digests)) if digest else b""

@@ -18,7 +18,8 @@ Throughput is KV payload bytes (``layout.nbytes(chunk_tokens) * N``) over
 wall time, in GB/s (10**9 bytes); the ratio is kvstore over baseline. Each
 figure is the median of the timed repeats, after untimed warm-up repeats that
 fault in the store's pooled buffers. Retrieve runs with payload verification
-on (the default) and off (``TierConfig(verify=False)``); stores always digest.
+on (the default) and off (``TierConfig(verify=False)``); a store digests its
+chunks unless the tier neither verifies nor writes through (docs/chunk-format.md).
 The targets are printed next to each ratio, never enforced.
 
 The package: ``options`` (the command line, torch-free so ``--help`` is fast),

@@ -58,7 +58,7 @@ def results_table(rows: Sequence[Row], settings: Settings) -> Table:
             (
                 f"GB/s = 10^9 bytes of KV per second, median of {settings.repeat} repeats "
                 f"after {settings.warmup} warm-up.",
-                "verify = payload digest checked on retrieve (store always digests); "
+                "verify = payload digest checked on retrieve (and computed on store); "
                 f"{bench_lmcache.NAME} = {bench_lmcache.DESCRIPTION}, no digest.",
                 *sorted({f"{row.tier} baseline: {row.baseline}" for row in rows}),
             )

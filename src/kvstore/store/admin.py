@@ -238,7 +238,7 @@ class AdminOperations(ReadPipeline):
                 if value is None:
                     tally.count("failed")
                     continue
-                encoded = await self._recode_verified(target, key, value, stack)
+                encoded = await self._recode_verified(target, key, value, stack, staying=True)
                 if encoded is None:
                     bad.append(key)
                 elif encoded is value:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from kvstore.chunk import decode_chunk, encode_chunk, raw_chunk_size, read_header
+from kvstore.chunk import decode_chunk, encode_chunk, hashed_chunk, raw_chunk_size, read_header
 from kvstore.codecs import Codec, KeyRing, TensorCodec
 from kvstore.errors import (
     IntegrityError,
@@ -20,11 +20,20 @@ from kvstore.tier import Tier
 
 
 def verified_recode(
-    key: bytes, value: memoryview, codecs: tuple[Codec, ...], keys: KeyRing
+    key: bytes,
+    value: memoryview,
+    codecs: tuple[Codec, ...],
+    keys: KeyRing,
+    *,
+    trusted: bool = False,
+    staying: bool = False,
 ) -> memoryview:
     """Verify a stored chunk of any namespace (its header names its layout) and
     return it encoded with ``codecs``: ``value`` itself when it already is.
-    ``keys`` decrypt encrypted chunks."""
+    ``keys`` decrypt encrypted chunks. ``trusted``: ``value`` comes from a tier
+    that does not verify (memory this process wrote), so its digest is not
+    checked and it may be unhashed; such a chunk gets its digest here unless it
+    is ``staying`` in the tier it came from."""
     header = read_header(value)
     if len(header.shape) != 5:
         raise IntegrityError(f"chunk header has shape {header.shape}, not a KV chunk")
@@ -33,8 +42,12 @@ def verified_recode(
         layout = KVLayout(layers, heads, dim, header.dtype, header.mla)
     except InvalidArgumentError as exc:
         raise IntegrityError(f"chunk header names no valid layout: {exc}") from None
-    kv = decode_chunk(value, key=chunk_key_of(key), layout=layout, tokens=tokens, keys=keys)
-    if tuple(header.codec_ids) == tuple(codec.id for codec in codecs):
+    kv = decode_chunk(
+        value, key=chunk_key_of(key), layout=layout, tokens=tokens, keys=keys, verify=not trusted
+    )
+    if tuple(header.codec_ids) == tuple(codec.id for codec in codecs) and (
+        header.hashed or staying
+    ):
         return value
     return encode_chunk(chunk_key_of(key), kv, mla=header.mla, codecs=codecs)
 
@@ -62,7 +75,14 @@ class Encoding(Pinning):
 
     async def _recode(self, chunk: EncodedChunk, codecs: tuple[Codec, ...]) -> EncodedChunk:
         """The same chunk encoded with another tier's codec stack (its digest is
-        checked on the way unless the chunk is ``trusted``)."""
+        checked on the way unless the chunk is ``trusted``), with its digest: an
+        unhashed chunk is copied with it computed first."""
+        if not read_header(chunk.view).hashed:
+            hashed = await self._hashed(chunk)
+            try:
+                return await self._recode(hashed, codecs)
+            finally:
+                hashed.release()
         if chunk.codecs == codecs or [c.spec() for c in chunk.codecs] == [c.spec() for c in codecs]:
             return chunk.retain()
         kv = await self._run(
@@ -76,12 +96,38 @@ class Encoding(Pinning):
         )
         return await self._encode(chunk.key, kv, codecs)
 
-    async def _recode_verified(
-        self, tier: Tier, key: bytes, value: memoryview, codecs: tuple[Codec, ...]
-    ) -> memoryview | None:
-        """``verified_recode`` off the loop; ``None`` for a bad chunk, which is counted."""
+    async def _hashed(self, chunk: EncodedChunk) -> EncodedChunk:
+        """An unhashed chunk copied into a pooled buffer with its digest computed
+        (one pass), so that it may go to another tier."""
+        buffer = self._pool.acquire(len(chunk.view))
         try:
-            return await self._run(verified_recode, key, value, codecs, self._keys)
+            view = await self._run(hashed_chunk, chunk.view, buffer)
+        except BaseException:
+            self._pool.release(buffer)
+            raise
+        return EncodedChunk(chunk.key, view, chunk.codecs, buffer, self._pool)
+
+    async def _recode_verified(
+        self,
+        tier: Tier,
+        key: bytes,
+        value: memoryview,
+        codecs: tuple[Codec, ...],
+        *,
+        staying: bool = False,
+    ) -> memoryview | None:
+        """``verified_recode`` off the loop; ``None`` for a bad chunk, which is
+        counted. ``staying``: the result goes back to ``tier``."""
+        try:
+            return await self._run(
+                verified_recode,
+                key,
+                value,
+                codecs,
+                self._keys,
+                trusted=not tier.verify,
+                staying=staying,
+            )
         except IntegrityError as exc:
             tier.stats.integrity_failures += 1
             tier.note_error("verify", exc)

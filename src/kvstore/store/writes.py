@@ -239,10 +239,10 @@ class WritePipeline(Placement):
         self, tier: Tier, items: list[tuple[bytes, torch.Tensor]]
     ) -> tuple[list[int], list[int], list[int]]:
         """Encode chunks straight into room ``tier``'s driver lends (one pass over
-        the KV, digest included) and commit them. Returns the positions in
-        ``items`` written, those to write the usual way (no room lent, or the
-        loan failed), and those that do not fit in ``tier`` (dropped and
-        counted: they still go to the tiers below)."""
+        the KV, the digest with it where ``_hashes_on_store``) and commit them.
+        Returns the positions in ``items`` written, those to write the usual
+        way (no room lent, or the loan failed), and those that do not fit in
+        ``tier`` (dropped and counted: they still go to the tiers below)."""
         size = self._chunk_size
         largest = tier.driver.capabilities.max_value_bytes
         footprint = tier.footprint(size)
@@ -267,6 +267,7 @@ class WritePipeline(Placement):
                         items[i][1],
                         mla=self.layout.mla,
                         out=torch.frombuffer(room, dtype=torch.uint8),
+                        digest=self._hashes_on_store(tier),
                     )
                     for i, room in zip(fitting, rooms)
                     if room is not None
@@ -331,6 +332,13 @@ class WritePipeline(Placement):
         tier.write_loan_bytes += size
         loan.callback(tier.end_write_loan, size)
         return EncodedChunk(key, view, tier.codecs, None, self._pool, trusted=trusted, loan=loan)
+
+    def _hashes_on_store(self, tier: Tier) -> bool:
+        """Whether chunks written into room ``tier`` lends carry their digest from
+        the start. Not on a tier that does not verify (memory only this process
+        writes) and writes nothing through: the digest would be computed for
+        nobody; a chunk that leaves it later (write-back, move) is hashed then."""
+        return tier.verify or self._writes_through(tier)
 
     def _writes_through(self, tier: Tier) -> bool:
         """Whether writes to ``tier`` are queued for the tier below it."""
