@@ -245,6 +245,41 @@ def test_scatter_writes_only_the_slots_of_every_layout(layout: PagedLayout) -> N
     assert torch.equal(gather(cache, torch.arange(cache.num_slots)), expected)
 
 
+@pytest.mark.parametrize("layout", list(PagedLayout))
+@pytest.mark.parametrize(
+    "runs",
+    [
+        [(3, 0, 32), (0, 0, 32), (4, 0, 32)],  # whole blocks, out of order
+        [(1, 8, 24), (2, 0, 32), (5, 0, 20)],  # a prompt starting mid-block, a partial last one
+        [(2, 0, 16), (2, 16, 16)],  # one block in two runs
+    ],
+)
+def test_block_runs_copy_as_indexing_every_token_does(
+    layout: PagedLayout, runs: list[tuple[int, int, int]]
+) -> None:
+    """Slots in runs within blocks take the run-by-run copies on the host; they
+    read and write exactly what indexing each token does."""
+    canonical = canonical_values(layout, blocks=6, size=32)
+    slots = torch.cat([torch.arange(b * 32 + o, b * 32 + o + n) for b, o, n in runs])
+    cache = PagedKVCache(engine_layers(layout, canonical), layout)
+    assert ref._block_runs(cache, slots) is not None
+    expected = canonical.flatten(2, 3)[:, :, slots]
+    assert torch.equal(gather(cache, slots), expected)
+
+    empty = PagedKVCache(engine_layers(layout, torch.zeros_like(canonical)), layout)
+    scatter(expected, empty, slots)
+    written = torch.zeros_like(canonical).flatten(2, 3)
+    written[:, :, slots] = expected
+    assert torch.equal(gather(empty, torch.arange(empty.num_slots)), written)
+
+
+def test_scattered_slots_are_indexed_token_by_token() -> None:
+    canonical = canonical_values(PagedLayout.BNHC, blocks=6, size=32)
+    cache = PagedKVCache(engine_layers(PagedLayout.BNHC, canonical), PagedLayout.BNHC)
+    assert ref._block_runs(cache, torch.arange(0, 96, 3)) is None, "runs of one token"
+    assert ref._block_runs(cache, torch.arange(8)) is None, "too few tokens to bother"
+
+
 def test_allocate_matches_engine_shapes() -> None:
     shapes = {
         PagedLayout.FLASH_ATTN: (2, 4, 16, 8, 64),

@@ -4,7 +4,10 @@ Each function has the signature of its Triton twin in ``.kernels`` and
 computes the same fp32 arithmetic in the same order (divisions correctly
 rounded, rounding as ``floor(x + 0.5)``), so integer codes match exactly.
 Work is vectorised over tokens, heads and channels; the only Python loops
-run over layers and planes, which also bounds temporaries to one layer.
+run over layers and planes, which also bounds temporaries to one layer, and,
+for host caches whose slots come in runs within a block (whole blocks, as
+engines lay out prompts), over those runs: a run is one slice copy, cheaper
+than indexing every token.
 """
 
 from __future__ import annotations
@@ -22,6 +25,10 @@ from .formats import (
     empty_quantized,
 )
 from .paged import PagedKVCache, check_slots
+
+MIN_RUN_TOKENS = 16
+"""Average tokens a run of slots needs for gather and scatter on the host to copy
+run by run rather than index token by token."""
 
 _FP32_SLACK = 2.0**-20
 """Relative slack for fp32 rounding in the error bounds (a few ulps of 2**-24)."""
@@ -133,11 +140,40 @@ def _slot_positions(
     return torch.div(slots, cache.block_size, rounding_mode="floor"), slots % cache.block_size
 
 
+Run = tuple[int, int, int, int]
+"""A run of consecutive slots within one block: block, offset in it, first token, tokens."""
+
+
+def _block_runs(cache: PagedKVCache, slot_mapping: torch.Tensor) -> list[Run] | None:
+    """The runs of ``slot_mapping`` (validated), when the cache is on the host and
+    they average ``MIN_RUN_TOKENS`` tokens or more; else ``None``."""
+    tokens = slot_mapping.numel()
+    if cache.device.type != "cpu" or tokens < MIN_RUN_TOKENS:
+        return None
+    size = cache.block_size
+    slots: list[int] = slot_mapping.tolist()
+    runs: list[Run] = []
+    first = 0
+    for token in range(1, tokens + 1):
+        if token == tokens or slots[token] != slots[token - 1] + 1 or slots[token] % size == 0:
+            runs.append((slots[first] // size, slots[first] % size, first, token - first))
+            if len(runs) * MIN_RUN_TOKENS > tokens:
+                return None
+            first = token
+    return runs
+
+
 def _gather_layer(
     cache: PagedKVCache, layer: int, blocks: torch.Tensor, offsets: torch.Tensor, out: torch.Tensor
 ) -> None:
     for plane, view in enumerate(cache.planes[layer]):
         out[plane] = view[blocks, offsets]
+
+
+def _gather_runs(cache: PagedKVCache, layer: int, runs: list[Run], out: torch.Tensor) -> None:
+    for plane, view in enumerate(cache.planes[layer]):
+        for block, offset, first, count in runs:
+            out[plane, first : first + count] = view[block, offset : offset + count]
 
 
 def _scatter_layer(
@@ -149,6 +185,12 @@ def _scatter_layer(
 ) -> None:
     for plane, view in enumerate(cache.planes[layer]):
         view[blocks, offsets] = chunk[plane]
+
+
+def _scatter_runs(chunk: torch.Tensor, cache: PagedKVCache, layer: int, runs: list[Run]) -> None:
+    for plane, view in enumerate(cache.planes[layer]):
+        for block, offset, first, count in runs:
+            view[block, offset : offset + count] = chunk[plane, first : first + count]
 
 
 def quantize(
@@ -179,6 +221,11 @@ def gather(
         out = torch.empty(cache.chunk_shape(tokens), dtype=cache.dtype, device=cache.device)
     else:
         cache.check_chunk(out, tokens, "out")
+    runs = _block_runs(cache, slot_mapping)
+    if runs is not None:
+        for layer in range(cache.num_layers):
+            _gather_runs(cache, layer, runs, out[layer])
+        return out
     blocks, offsets = _slot_positions(cache, slot_mapping)
     for layer in range(cache.num_layers):
         _gather_layer(cache, layer, blocks, offsets, out[layer])
@@ -189,6 +236,11 @@ def scatter(chunk: torch.Tensor, cache: PagedKVCache, slot_mapping: torch.Tensor
     """Write ``chunk``'s tokens into ``cache`` at ``slot_mapping`` (ids must be distinct)."""
     check_slots(slot_mapping, cache.num_slots)
     cache.check_chunk(chunk, slot_mapping.numel())
+    runs = _block_runs(cache, slot_mapping)
+    if runs is not None:
+        for layer in range(cache.num_layers):
+            _scatter_runs(chunk[layer], cache, layer, runs)
+        return
     blocks, offsets = _slot_positions(cache, slot_mapping)
     for layer in range(cache.num_layers):
         _scatter_layer(chunk[layer], cache, layer, blocks, offsets)
