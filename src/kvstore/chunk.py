@@ -291,20 +291,7 @@ def decode_chunk(
     ``out`` holds garbage when this raises. ``keys`` decrypt encrypted chunks.
     Raises IntegrityError on any mismatch, a missing or wrong key included.
     """
-    view = memoryview(data).cast("B")
-    header = read_header(view)
-    if header.key != key:
-        raise IntegrityError("chunk belongs to another key (foreign or misplaced bytes)")
-    expected_shape = layout.shape(tokens)
-    if header.dtype != layout.dtype or header.shape != expected_shape or header.mla != layout.mla:
-        raise IntegrityError(
-            f"chunk holds {header.dtype} {header.shape} (mla={header.mla}), expected "
-            f"{layout.dtype} {expected_shape} (mla={layout.mla})"
-        )
-    end = header.header_len + header.payload_len
-    if len(view) != end:
-        raise IntegrityError(f"chunk is {len(view)} bytes, its header says {end}")
-    payload = view[header.header_len :]
+    header, payload = _checked(data, key, layout, tokens)
     pieces = None
     fused = verify and header.block_digest and header.hashed
     if fused and out is not None and not header.codec_ids and out.dtype == DTYPES[header.dtype]:
@@ -340,11 +327,52 @@ def decode_chunk(
             if len(raw)
             else torch.empty(0, dtype=torch.uint8)
         )
-    kv = source.view(dtype).view(expected_shape)
+    kv = source.view(dtype).view(header.shape)
     if out is not None:
         out.copy_(kv)
         return out
     return kv if not raw.readonly else kv.clone()
+
+
+def chunk_view(
+    data: Buffer, *, key: bytes, layout: KVLayout, tokens: int, verify: bool = True
+) -> torch.Tensor | None:
+    """The KV of a raw stored chunk as a tensor over ``data`` itself (no copy),
+    checked as ``decode_chunk`` checks it; ``None`` for a chunk with codecs,
+    which only ``decode_chunk`` can read. Read-only: ``data`` may be memory a
+    tier lends, which must not be written."""
+    header, payload = _checked(data, key, layout, tokens)
+    if header.codec_ids:
+        return None
+    _check_digest(header, payload, None, verify=verify)
+    if header.raw_len != len(payload):
+        raise IntegrityError("decoded chunk has the wrong length")
+    array = np.frombuffer(payload, dtype=np.uint8)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        raw = torch.from_numpy(array) if len(array) else torch.empty(0, dtype=torch.uint8)
+    return raw.view(DTYPES[header.dtype]).view(header.shape)
+
+
+def _checked(
+    data: Buffer, key: bytes, layout: KVLayout, tokens: int
+) -> tuple[ChunkHeader, memoryview]:
+    """A stored chunk's header and payload, once its header, key, layout, token
+    count and length are checked (IntegrityError otherwise); the digest is not."""
+    view = memoryview(data).cast("B")
+    header = read_header(view)
+    if header.key != key:
+        raise IntegrityError("chunk belongs to another key (foreign or misplaced bytes)")
+    expected_shape = layout.shape(tokens)
+    if header.dtype != layout.dtype or header.shape != expected_shape or header.mla != layout.mla:
+        raise IntegrityError(
+            f"chunk holds {header.dtype} {header.shape} (mla={header.mla}), expected "
+            f"{layout.dtype} {expected_shape} (mla={layout.mla})"
+        )
+    end = header.header_len + header.payload_len
+    if len(view) != end:
+        raise IntegrityError(f"chunk is {len(view)} bytes, its header says {end}")
+    return header, view[header.header_len :]
 
 
 def _check_digest(

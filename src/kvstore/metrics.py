@@ -78,12 +78,14 @@ REQUESTS = (
     "locate",
     "store_chunks",
     "retrieve_chunks",
+    "borrow_chunks",
 )
 """Store methods timed by ``kvstore_request_duration_seconds``."""
 
-PREFIX_OPERATIONS = ("lookup", "retrieve", "locate", "retrieve_chunks")
+PREFIX_OPERATIONS = ("lookup", "retrieve", "locate", "retrieve_chunks", "borrow_chunks")
 """Store methods that count requested and cached-prefix tokens: by token ids
-(``lookup``, ``retrieve``) and by chunk names (``locate``, ``retrieve_chunks``)."""
+(``lookup``, ``retrieve``) and by chunk names (``locate``, ``retrieve_chunks``,
+``borrow_chunks``)."""
 
 _DRIVER_DURATION = Histogram(
     "kvstore_operation_duration_seconds",

@@ -1,18 +1,23 @@
-"""A step's loads on the vLLM worker: read the hits from the store in batches of
-chunks and scatter each into the paged cache while the next one is read.
+"""A step's loads on the vLLM worker: scatter the hits into the paged cache,
+straight from the store's memory where it lends it, else read in batches.
 
-A chunk holds every layer, so no layer is complete before the last batch is
-read. Each batch but the last is scattered whole while the next is read; the
-last is scattered layer by layer, each layer released to the forward pass
-(``wait_layer``) as soon as it is in place, so the forward pass runs while the
-later layers are copied. Only the chunks past vLLM's own prefix-cache hit are read.
+The chunks the store's first tier holds are lent as views of its memory
+(``borrow_chunks``) and scattered from there, with no copy in between, one
+layer at a time: each layer is released to the forward pass
+(``wait_layer``) as soon as every load has it in place, so the forward pass
+runs while the later layers are copied. Chunks only lower tiers hold are read
+(``retrieve_chunks``) in batches on a reader thread, each batch scattered
+while the next is read, before any layer is released (a read chunk holds
+every layer). Only the chunks past vLLM's own prefix-cache hit are loaded.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -40,6 +45,15 @@ class _Batch:
     staging: torch.Tensor
 
 
+@dataclass
+class _Lent:
+    """Chunks ``first`` to ``first + len(chunks)`` of a load, lent by the store."""
+
+    spec: LoadSpec
+    first: int
+    chunks: list[torch.Tensor]
+
+
 class LoadJob:
     """Loads this step's hits on a thread (see the module docstring); reads run on
     ``reader`` while this job's thread scatters."""
@@ -54,22 +68,36 @@ class LoadJob:
         self._ready = [threading.Event() for _ in transfer.caches]
         self.results: dict[str, tuple[int, int]] = {}
         self.failed_blocks: set[int] = set()
+        self._loaded = {
+            spec.req_id: spec.skip_tokens // self._chunk * self._chunk for spec in loads
+        }
         self._thread = threading.Thread(target=self._run, name="kvstore-vllm-load", daemon=True)
         self._thread.start()
 
-    def _batches(self) -> list[_Batch]:
-        """Each load's chunks past its ``skip_tokens``, in batches of ``BATCH_BYTES``."""
+    def _borrow(self, loans: contextlib.ExitStack) -> list[_Lent]:
+        """Each load's chunks past its ``skip_tokens`` that the store lends, held
+        until ``loans`` closes."""
+        lent = []
+        for spec in self._loads:
+            keys = self._transfer.keys.of(spec.req_id, spec.token_ids)
+            first = spec.skip_tokens // self._chunk
+            loan = loans.enter_context(self._transfer.store.borrow_chunks(keys[first:]))
+            lent.append(_Lent(spec, first, loan.chunks))
+        return lent
+
+    def _batches(self, lent: list[_Lent]) -> list[_Batch]:
+        """Each load's chunks past what was lent, in batches of ``BATCH_BYTES``."""
         layout = self._transfer.layout
         per_batch = max(1, BATCH_BYTES // layout.nbytes(self._chunk))
         batches = []
-        for spec in self._loads:
-            keys = self._transfer.keys.of(spec.req_id, spec.token_ids)
-            for first in range(spec.skip_tokens // self._chunk, len(keys), per_batch):
+        for part in lent:
+            keys = self._transfer.keys.of(part.spec.req_id, part.spec.token_ids)
+            for first in range(part.first + len(part.chunks), len(keys), per_batch):
                 chunk_keys = keys[first : first + per_batch]
                 staging = torch.empty(
                     layout.shape(len(chunk_keys) * self._chunk), dtype=layout.torch_dtype
                 )
-                batches.append(_Batch(spec, first, chunk_keys, staging))
+                batches.append(_Batch(part.spec, first, chunk_keys, staging))
         return batches
 
     def _read(self, batch: _Batch) -> int:
@@ -78,52 +106,54 @@ class LoadJob:
         outs = [batch.staging[:, :, i * ct : (i + 1) * ct] for i in range(len(batch.keys))]
         return len(self._transfer.store.retrieve_chunks(batch.keys, outs))
 
-    def _loaded(self, reading: Future[int], batch: _Batch) -> int:
+    def _read_result(self, reading: Future[int], batch: _Batch) -> int:
         try:
             return reading.result()
         except Exception:
             log.warning("kvstore: loading %s failed", batch.spec.req_id, exc_info=True)
             return 0
 
-    def _run(self) -> None:
-        transfer = self._transfer
+    def _target(
+        self, spec: LoadSpec, first: int, kv: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The tokens of ``kv`` (chunks from ``first`` on) that vLLM's own hit does
+        not cover, and the slots of the load's blocks they go to; ``None`` when
+        there are none. Counts them as loaded."""
         ct = self._chunk
-        loaded = {spec.req_id: spec.skip_tokens // ct * ct for spec in self._loads}
-        ended: set[str] = set()
+        transfer = self._transfer
+        start = max(spec.skip_tokens, first * ct)
+        stop = first * ct + kv.shape[2]
+        if stop <= start:
+            return None
+        self._loaded[spec.req_id] = max(self._loaded[spec.req_id], stop)
+        slots = block_slots(spec.block_ids, transfer.block_size, start, stop).to(transfer.device)
+        return kv[:, :, start - first * ct :], slots
+
+    def _scatter(self, tokens: torch.Tensor, slots: torch.Tensor, layer: int) -> None:
+        transfer = self._transfer
+        scatter(tokens[layer : layer + 1].to(transfer.device), transfer.caches[layer], slots)
+
+    def _run(self) -> None:
+        layers = range(len(self._transfer.caches))
         try:
-            waiting = deque(self._batches())
-
-            def following() -> tuple[_Batch, Future[int]] | None:
-                """The next batch of a load that has not ended, its read started."""
-                while waiting and waiting[0].spec.req_id in ended:
-                    waiting.popleft()
-                if not waiting:
-                    return None
-                batch = waiting.popleft()
-                return batch, self._reader.submit(self._read, batch)
-
-            current = following()
-            while current is not None:
-                batch, reading = current
-                spec = batch.spec
-                chunks = self._loaded(reading, batch)
-                if chunks < len(batch.keys):
-                    ended.add(spec.req_id)
-                current = following()
-                start = max(spec.skip_tokens, batch.first * ct)
-                stop = (batch.first + chunks) * ct
-                if stop <= start:
-                    continue
-                loaded[spec.req_id] = stop
-                slots = block_slots(spec.block_ids, transfer.block_size, start, stop)
-                slots = slots.to(transfer.device)
-                tokens = batch.staging[:, :, start - batch.first * ct : stop - batch.first * ct]
-                for layer, cache in enumerate(transfer.caches):
-                    scatter(tokens[layer : layer + 1].to(transfer.device), cache, slots)
-                    if current is None:
+            with contextlib.ExitStack() as loans:
+                lent = self._borrow(loans)
+                read = self._read_batches(self._batches(lent))
+                targets = [
+                    target
+                    for part in lent
+                    for i, chunk in enumerate(part.chunks)
+                    if (target := self._target(part.spec, part.first + i, chunk)) is not None
+                ]
+                for layer in layers:
+                    for tokens, slots in targets:
+                        self._scatter(tokens, slots, layer)
+                    if read is None and self._transfer.device.type != "cpu":
                         self._ready[layer].set()
+                if read is not None:
+                    read()
             for spec in self._loads:
-                self._record(spec, loaded[spec.req_id])
+                self._record(spec, self._loaded[spec.req_id])
         except Exception:
             log.exception("kvstore: copying loaded KV into vLLM's cache failed; vLLM recomputes it")
             for spec in self._loads:
@@ -131,6 +161,46 @@ class LoadJob:
         finally:
             for event in self._ready:
                 event.set()
+
+    def _read_batches(self, batches: list[_Batch]) -> Callable[[], None] | None:
+        """Start reading ``batches`` (a load's batches end at its first miss); the
+        call that scatters them as they come, the last one layer by layer with
+        each layer released. ``None`` when there is nothing to read."""
+        if not batches:
+            return None
+        ct = self._chunk
+        waiting = deque(batches)
+        ended: set[str] = set()
+
+        def following() -> tuple[_Batch, Future[int]] | None:
+            """The next batch of a load that has not ended, its read started."""
+            while waiting and waiting[0].spec.req_id in ended:
+                waiting.popleft()
+            if not waiting:
+                return None
+            batch = waiting.popleft()
+            return batch, self._reader.submit(self._read, batch)
+
+        current = following()
+
+        def scatter_all() -> None:
+            nonlocal current
+            layers = range(len(self._transfer.caches))
+            while current is not None:
+                batch, reading = current
+                chunks = self._read_result(reading, batch)
+                if chunks < len(batch.keys):
+                    ended.add(batch.spec.req_id)
+                current = following()
+                target = self._target(batch.spec, batch.first, batch.staging[:, :, : chunks * ct])
+                if target is None:
+                    continue
+                for layer in layers:
+                    self._scatter(*target, layer)
+                    if current is None:
+                        self._ready[layer].set()
+
+        return scatter_all
 
     def _record(self, spec: LoadSpec, loaded: int) -> None:
         """Note what a load got; blocks past it (and past vLLM's own hit) are errors."""

@@ -32,9 +32,11 @@ from kvstore.results import (
 )
 from kvstore.store.async_store import AsyncKVStore
 from kvstore.store.blocking import KVStore, open_store
+from kvstore.store.loans import ChunkLoan
 
 __all__ = [
     "AsyncKVStore",
+    "ChunkLoan",
     "ChunkTiers",
     "CompressResult",
     "KVStore",

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Future
 from typing import Any
 
@@ -28,6 +29,7 @@ from kvstore.results import (
     TierHealth,
 )
 from kvstore.store.async_store import AsyncKVStore
+from kvstore.store.loans import ChunkLoan
 from kvstore.sync import LoopThread, shared_loop
 from kvstore.tier import Tier
 
@@ -114,6 +116,15 @@ class KVStore:
 
     def retrieve_chunks(self, keys: Sequence[bytes], outs: Sequence[torch.Tensor]) -> ChunkTiers:
         return self._loop.run(self._store.retrieve_chunks(keys, outs))
+
+    @contextlib.contextmanager
+    def borrow_chunks(self, keys: Sequence[bytes]) -> Iterator[ChunkLoan]:
+        """``AsyncKVStore.borrow_chunks`` as a ``with`` block: the loan ends with it."""
+        loan = self._loop.run(self._store.borrow_chunks(keys))
+        try:
+            yield loan
+        finally:
+            self._loop.run(loan.release())
 
     def retrieve(self, tokens: TokenIds, out: torch.Tensor | None = None) -> RetrieveResult:
         return self._loop.run(self._store.retrieve(tokens, out))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import itertools
 import logging
 import time
 from collections.abc import Sequence
@@ -12,7 +14,7 @@ import numpy as np
 import torch
 
 from kvstore.buffers import BufferPool, byte_view
-from kvstore.chunk import decode_chunk
+from kvstore.chunk import chunk_view, decode_chunk
 from kvstore.errors import (
     DriverUnavailableError,
     IntegrityError,
@@ -30,6 +32,7 @@ from kvstore.results import (
     RetrieveResult,
 )
 from kvstore.store.encoded import EncodedChunk
+from kvstore.store.loans import ChunkLoan
 from kvstore.store.writes import WritePipeline
 from kvstore.tier import Tier
 
@@ -76,7 +79,7 @@ class _PrefixEnds(Exception):
 
 
 class ReadPipeline(WritePipeline):
-    """retrieve and retrieve_chunks."""
+    """retrieve, retrieve_chunks and borrow_chunks."""
 
     @timed("retrieve")
     async def retrieve(self, tokens: TokenIds, out: torch.Tensor | None = None) -> RetrieveResult:
@@ -189,6 +192,70 @@ class ReadPipeline(WritePipeline):
         self.metrics.count_prefix("retrieve_chunks", len(keys) * self.chunk_tokens, sources.tokens)
         self._counters.note_retrieve(sources.tokens)
         return sources
+
+    @timed("borrow_chunks")
+    async def borrow_chunks(self, keys: Sequence[bytes]) -> ChunkLoan:
+        """The longest prefix of ``keys`` (from ``named_keys``) that the first tier
+        holds and lends as views, each chunk's KV a read-only tensor of the tier's
+        own memory: no copy (an engine scatters from it straight into its
+        cache). Chunks are checked as a read from that tier is (header, key,
+        shape, length; the digest where the tier verifies); a bad one ends the
+        prefix and is deleted. The loan keeps the chunks until released (``async
+        with`` or ``release``); chunks past it are for ``retrieve_chunks``. A
+        first tier that lends no views, or encodes with codecs, lends nothing.
+        """
+        self._check_open()
+        keys = self._own_keys(keys)
+        first = self.tiers[0]
+        loan = contextlib.AsyncExitStack()
+        chunks: list[torch.Tensor] = []
+        lends = first.driver.capabilities.lends_views and not first.codecs and first.down is None
+        held = list(itertools.takewhile(lambda key: key in first.index, keys)) if lends else []
+        if held:
+            try:
+                views = await loan.enter_async_context(first.borrow(held))
+            except KVStoreError as exc:
+                first.note_error("borrow_many", exc)
+                views = []
+            for key, view in zip(held, views):
+                kv = await self._lent_kv(first, key, view)
+                if kv is None:
+                    break
+                chunks.append(kv)
+        tokens = len(chunks) * self.chunk_tokens
+        self.metrics.count_prefix("borrow_chunks", len(keys) * self.chunk_tokens, tokens)
+        self._counters.note_retrieve(tokens)
+        return ChunkLoan(chunks, ChunkTiers((first.name,) * len(chunks), self.chunk_tokens), loan)
+
+    async def _lent_kv(
+        self, tier: Tier, key: bytes, view: memoryview | None
+    ) -> torch.Tensor | None:
+        """The checked KV of a chunk ``tier`` lent as ``view``, counted as a hit;
+        ``None`` for a chunk not lent (a driver may lend only some) or a bad one
+        (counted, and deleted)."""
+        if view is None:
+            return None
+        check = functools.partial(
+            chunk_view,
+            view,
+            key=chunk_key_of(key),
+            layout=self.layout,
+            tokens=self.chunk_tokens,
+            verify=tier.verify,
+        )
+        try:
+            kv = await self._run(check) if tier.verify else check()
+        except IntegrityError as exc:
+            tier.stats.integrity_failures += 1
+            tier.note_error("decode", exc)
+            with contextlib.suppress(KVStoreError):
+                await tier.delete([key])
+            return None
+        if kv is not None:
+            tier.index.touch(key)
+            tier.stats.hits += 1
+            tier.stats.bytes_read += len(view)
+        return kv
 
     def _locate_to_read(self, keys: list[bytes]) -> list[int]:
         """The tier to read each chunk of the cached prefix from: the fastest whose
