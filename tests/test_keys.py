@@ -71,6 +71,16 @@ def test_keys_commit_to_the_whole_prefix() -> None:
     assert chunk_keys(digest, [1, 2, 3], 4) == []
 
 
+def test_a_growing_prompt_hashes_on_from_its_last_key() -> None:
+    digest = Namespace("m", "r", KVLayout(1, 1, 8)).digest()
+    ids = list(range(20))
+    whole = chunk_keys(digest, ids, 4)
+    assert chunk_keys(digest, ids[8:], 4, after=whole[1]) == whole[2:]
+    assert chunk_keys(digest, ids[8:], 4) != whole[2:], "the chain, not the tokens alone"
+    with pytest.raises(InvalidArgumentError):
+        chunk_keys(digest, ids, 4, after=b"short")
+
+
 BASE = Namespace("m", "r", KVLayout(2, 2, 8))
 
 

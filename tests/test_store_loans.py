@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -103,3 +104,19 @@ def test_the_blocking_store_lends_for_a_with_block() -> None:
             store.borrow_chunks([b"not a key"]).__enter__()
     finally:
         store.close()
+
+
+def test_keys_hash_on_from_a_storage_key_of_this_namespace() -> None:
+    store = KVStore.open(config("cpu://?capacity=16MiB"), NAMESPACE)
+    other = KVStore.open(
+        config("cpu://?capacity=16MiB"), dataclasses.replace(NAMESPACE, model="other-model")
+    )
+    try:
+        ids = list(range(5 * CHUNK))
+        keys = store.keys(ids)
+        assert store.keys(ids[2 * CHUNK :], after=keys[1]) == keys[2:]
+        with pytest.raises(InvalidKeyError):
+            store.keys(ids[2 * CHUNK :], after=other.keys(ids)[1])
+    finally:
+        store.close()
+        other.close()

@@ -110,16 +110,23 @@ def token_array(tokens: TokenIds) -> npt.NDArray[np.int32]:
     return array.astype("<i4", copy=False)
 
 
-def chunk_keys(namespace_digest: bytes, tokens: TokenIds, chunk_tokens: int) -> list[bytes]:
-    """The keys of every whole chunk of ``tokens``, in order."""
+def chunk_keys(
+    namespace_digest: bytes, tokens: TokenIds, chunk_tokens: int, *, after: bytes | None = None
+) -> list[bytes]:
+    """The keys of every whole chunk of ``tokens``, in order. ``after``: the key
+    of the chunk ``tokens`` follow (their prefix's last chunk, already hashed),
+    so a prompt that grows is hashed only for its new chunks; the keys are those
+    of the same chunks in the whole prompt."""
     if len(namespace_digest) != KEY_BYTES:
         raise InvalidArgumentError("a namespace digest is 32 bytes")
+    if after is not None and len(after) != KEY_BYTES:
+        raise InvalidArgumentError("a chunk key is 32 bytes")
     data = token_array(tokens)
     whole = len(data) // chunk_tokens
     raw = data[: whole * chunk_tokens].tobytes()
     step = chunk_tokens * 4
     keys: list[bytes] = []
-    previous = namespace_digest
+    previous = namespace_digest if after is None else after
     for start in range(0, whole * step, step):
         hasher = blake3.blake3(namespace_digest)
         hasher.update(previous)

@@ -2,11 +2,11 @@
 
 A request's lookup, its load, the save of its prompt and the save of what it
 generated all name the same chunks. The worker hashes a request's tokens the
-first time one of them asks and hands the same keys to the others; it hashes
-again only for chunks the request's tokens did not reach before (those its
-generated tokens complete). Each entry keeps the tokens it was hashed from and
-is used only for tokens that extend them, so a reused request id never gets
-another prompt's keys.
+first time one of them asks and hands the same keys to the others; when its
+generated tokens complete new chunks, only those are hashed, chained on from
+the last key (``KVStore.keys(after=...)``). Each entry keeps the tokens it was
+hashed from and is used only for tokens that agree with them, so a reused
+request id never gets another prompt's keys.
 """
 
 from __future__ import annotations
@@ -40,12 +40,17 @@ class RequestKeys:
         array = np.array(tokens[: whole * self._chunk], dtype="<i4")
         with self._lock:
             known = self._known.get(req_id)
-            if known is not None:
-                self._known.move_to_end(req_id)
-                hashed, keys = known
-                if len(keys) >= whole and np.array_equal(hashed[: len(array)], array):
-                    return keys[:whole]
-        keys = self._store.keys(array)
+        keys: list[bytes] = []
+        if known is not None:
+            hashed, keys = known
+            if len(keys) >= whole and np.array_equal(hashed[: len(array)], array):
+                with self._lock:
+                    self._known.move_to_end(req_id)
+                return keys[:whole]
+            if not (keys and np.array_equal(array[: len(hashed)], hashed)):
+                keys = []
+        done = len(keys) * self._chunk
+        keys = keys + self._store.keys(array[done:], after=keys[-1] if keys else None)
         with self._lock:
             self._known[req_id] = (array, keys)
             self._known.move_to_end(req_id)

@@ -79,8 +79,8 @@ class KVStore:
         """This store seen through another namespace (see ``AsyncKVStore.scoped``)."""
         return KVStore(self._store.scoped(namespace), self._loop)
 
-    def keys(self, tokens: TokenIds) -> list[bytes]:
-        return self._store.keys(tokens)
+    def keys(self, tokens: TokenIds, *, after: bytes | None = None) -> list[bytes]:
+        return self._store.keys(tokens, after=after)
 
     def lookup(self, tokens: TokenIds) -> LookupResult:
         return self._loop.run(self._store.lookup(tokens))

@@ -28,6 +28,7 @@ from kvstore.keys import (
     TAG_BYTES,
     Namespace,
     TokenIds,
+    chunk_key_of,
     chunk_keys,
     named_chunk_key,
     storage_prefix,
@@ -103,11 +104,17 @@ class StoreState:
         view._bind(namespace)
         return view
 
-    def keys(self, tokens: TokenIds) -> list[bytes]:
+    def keys(self, tokens: TokenIds, *, after: bytes | None = None) -> list[bytes]:
         """The storage keys of every whole chunk of ``tokens``: this namespace's
-        prefix, then the chunk key (docs/key-spec.md)."""
+        prefix, then the chunk key (docs/key-spec.md). ``after``: the storage key
+        of the chunk ``tokens`` follow, so a prompt that grows (a turn's
+        generated tokens) is hashed only for its new chunks."""
         prefix = self._prefix
-        return [prefix + key for key in chunk_keys(self._digest, tokens, self.chunk_tokens)]
+        chained = None if after is None else chunk_key_of(self._own_keys([after])[0])
+        return [
+            prefix + key
+            for key in chunk_keys(self._digest, tokens, self.chunk_tokens, after=chained)
+        ]
 
     def named_keys(self, names: Sequence[bytes]) -> list[bytes]:
         """Storage keys of chunks an engine names itself (SGLang's page hashes)
