@@ -58,8 +58,14 @@ def results_table(rows: Sequence[Row], settings: Settings) -> Table:
             (
                 f"GB/s = 10^9 bytes of KV per second, median of {settings.repeat} repeats "
                 f"after {settings.warmup} warm-up.",
-                "verify = payload digest checked on retrieve (and computed on store); "
-                f"{bench_lmcache.NAME} = {bench_lmcache.DESCRIPTION}, no digest.",
+                "verify = payload digest checked on retrieve (and computed on store).",
+                *sorted(
+                    {
+                        f"{row.tier} = {bench_lmcache.DESCRIPTIONS[row.tier]}, no digest."
+                        for row in rows
+                        if row.tier in bench_lmcache.DESCRIPTIONS
+                    }
+                ),
                 *sorted({f"{row.tier} baseline: {row.baseline}" for row in rows}),
             )
         ),
@@ -130,19 +136,34 @@ def run_bench(args: argparse.Namespace) -> int:
                             errors.append(f"{label}: {type(exc).__name__}: {exc}")
                             console.print(f"[red]error[/red] {errors[-1]}")
             if "lmcache" in settings.compare:
-                if bench_lmcache.available():
-                    with console.status(f"measuring LMCache's CPU backend, {name}"):
-                        rows.extend(measure_lmcache(workload, settings))
-                else:
-                    console.print("LMCache is not importable here: --compare lmcache skipped")
+                rows.extend(_compare_lmcache(workload, settings, scratch, console, errors))
             del workload
-    order = [*TIERS, bench_lmcache.NAME, *(url_scheme(url) for url in settings.urls)]
+    order = [*TIERS, *bench_lmcache.NAMES.values(), *(url_scheme(url) for url in settings.urls)]
     rows.sort(key=lambda row: (order.index(row.tier), settings.layouts.index(row.layout)))
     if rows:
         console.print(results_table(rows, settings))
     if settings.json_path is not None:
         settings.json_path.write_text(json.dumps(report(rows, settings, errors), indent=2) + "\n")
     return 1 if errors else 0
+
+
+def _compare_lmcache(
+    workload: Workload, settings: Settings, scratch: Path, console: Console, errors: list[str]
+) -> list[Row]:
+    """LMCache's rows beside each local tier measured, or a note when it is not importable."""
+    if not bench_lmcache.available():
+        console.print("LMCache is not importable here: --compare lmcache skipped")
+        return []
+    rows: list[Row] = []
+    for tier in settings.tiers:
+        label = f"{bench_lmcache.NAMES[tier]} {workload.name}"
+        with console.status(f"measuring {label}"):
+            try:
+                rows.extend(measure_lmcache(tier, workload, settings, scratch))
+            except (KVStoreError, OSError) as exc:
+                errors.append(f"{label}: {type(exc).__name__}: {exc}")
+                console.print(f"[red]error[/red] {errors[-1]}")
+    return rows
 
 
 def main(argv: Sequence[str] | None = None) -> int:
