@@ -12,7 +12,8 @@ from prerequisites import requires
 from redis_server import RedisServer, redis_available
 
 from kvstore.bench import lmcache as bench_lmcache
-from kvstore.bench.rows import LAYOUTS
+from kvstore.bench.command import results_table
+from kvstore.bench.rows import LAYOUTS, Row, Settings
 from kvstore.cli import main
 
 TINY = ["--quick", "--chunks", "1", "--repeat", "1", "--warmup", "0"]
@@ -102,16 +103,47 @@ def test_bench_measures_a_remote_tier_against_its_raw_client(tmp_path: Path) -> 
         server.stop()
 
 
+@pytest.mark.parametrize("tier", ["cpu", "nvme"])
 def test_compare_lmcache_is_reported_never_required(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], tier: str
 ) -> None:
     report_path = tmp_path / "bench.json"
-    arguments = ["--tiers", "cpu", "--layout", "qwen2-0.5b", "--compare", "lmcache"]
-    code = main(["bench", *TINY, *arguments, "--json", str(report_path)])
+    arguments = ["--tiers", tier, "--layout", "qwen2-0.5b", "--compare", "lmcache"]
+    code = main(
+        ["bench", *TINY, *arguments, "--dir", str(tmp_path / "scratch"), "--json", str(report_path)]
+    )
     assert code == 0
     tiers = {row["tier"] for row in json.loads(report_path.read_text())["results"]}
     if bench_lmcache.available():
-        assert tiers == {"cpu", bench_lmcache.NAME}
+        assert tiers == {tier, bench_lmcache.NAMES[tier]}
     else:
-        assert tiers == {"cpu"}
+        assert tiers == {tier}
         assert "LMCache is not importable" in capsys.readouterr().out
+    assert list((tmp_path / "scratch").iterdir()) == []
+
+
+def test_lmcache_rows_name_their_backend_in_the_caption() -> None:
+    settings = Settings(
+        layouts=("qwen2-0.5b",),
+        tiers=("nvme",),
+        urls=(),
+        chunks=1,
+        repeat=1,
+        warmup=0,
+        verify=(False,),
+        directory=None,
+        json_path=None,
+        quick=True,
+        compare=("lmcache",),
+    )
+    rows = [
+        Row(tier, "qwen2-0.5b", "store", False, 1, 1 << 20, "raw", [1.0], [1.0])
+        for tier in ("nvme", bench_lmcache.DISK_NAME)
+    ]
+
+    caption = results_table(rows, settings).caption
+
+    assert isinstance(caption, str)
+    assert f"{bench_lmcache.DISK_NAME} = {bench_lmcache.DISK_DESCRIPTION}" in caption
+    assert bench_lmcache.CPU_DESCRIPTION not in caption
+    assert f"{bench_lmcache.DISK_NAME} baseline: raw" in caption

@@ -78,6 +78,7 @@ class DirectIOBaseline:
             f"O_DIRECT pwrite{'+fsync' if fsync else ''}/pread of {format_size(piece)} "
             f"pieces on {threads} threads, a file a chunk"
         )
+        self.threads = threads
         self._fsync = fsync
         chunks = workload.chunks
         size = -(-workload.chunk_bytes // _ALIGN) * _ALIGN

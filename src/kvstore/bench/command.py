@@ -9,8 +9,9 @@ import platform
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -58,8 +59,14 @@ def results_table(rows: Sequence[Row], settings: Settings) -> Table:
             (
                 f"GB/s = 10^9 bytes of KV per second, median of {settings.repeat} repeats "
                 f"after {settings.warmup} warm-up.",
-                "verify = payload digest checked on retrieve (and computed on store); "
-                f"{bench_lmcache.NAME} = {bench_lmcache.DESCRIPTION}, no digest.",
+                "verify = payload digest checked on retrieve (and computed on store).",
+                *sorted(
+                    {
+                        f"{row.tier} = {bench_lmcache.DESCRIPTIONS[row.tier]}, no digest."
+                        for row in rows
+                        if row.tier in bench_lmcache.DESCRIPTIONS
+                    }
+                ),
                 *sorted({f"{row.tier} baseline: {row.baseline}" for row in rows}),
             )
         ),
@@ -115,6 +122,7 @@ def run_bench(args: argparse.Namespace) -> int:
     console = Console(width=None if sys.stdout.isatty() else 120)
     rows: list[Row] = []
     errors: list[str] = []
+    compare_lmcache = "lmcache" in settings.compare and _lmcache_importable(console)
     with scratch_directory(settings.directory) as scratch:
         for name in settings.layouts:
             layout = LAYOUTS[name]
@@ -123,26 +131,42 @@ def run_bench(args: argparse.Namespace) -> int:
                 for verify in settings.verify:
                     shown = url_scheme(tier) if tier in settings.urls else tier
                     label = f"{shown} {name} verify={'on' if verify else 'off'}"
-                    with console.status(f"measuring {label}"):
-                        try:
-                            rows.extend(measure(tier, workload, verify, settings, scratch))
-                        except (KVStoreError, OSError) as exc:
-                            errors.append(f"{label}: {type(exc).__name__}: {exc}")
-                            console.print(f"[red]error[/red] {errors[-1]}")
-            if "lmcache" in settings.compare:
-                if bench_lmcache.available():
-                    with console.status(f"measuring LMCache's CPU backend, {name}"):
-                        rows.extend(measure_lmcache(workload, settings))
-                else:
-                    console.print("LMCache is not importable here: --compare lmcache skipped")
+                    cell = partial(measure, tier, workload, verify, settings, scratch)
+                    rows.extend(_measured(label, cell, console, errors))
+            for tier in settings.tiers:
+                if compare_lmcache:
+                    label = f"{bench_lmcache.NAMES[tier]} {name}"
+                    cell = partial(measure_lmcache, tier, workload, settings, scratch)
+                    rows.extend(_measured(label, cell, console, errors))
             del workload
-    order = [*TIERS, bench_lmcache.NAME, *(url_scheme(url) for url in settings.urls)]
+    order = [*TIERS, *bench_lmcache.NAMES.values(), *(url_scheme(url) for url in settings.urls)]
     rows.sort(key=lambda row: (order.index(row.tier), settings.layouts.index(row.layout)))
     if rows:
         console.print(results_table(rows, settings))
     if settings.json_path is not None:
         settings.json_path.write_text(json.dumps(report(rows, settings, errors), indent=2) + "\n")
     return 1 if errors else 0
+
+
+def _lmcache_importable(console: Console) -> bool:
+    """Whether LMCache can be compared here; a note on the console when it cannot."""
+    if bench_lmcache.available():
+        return True
+    console.print("LMCache is not importable here: --compare lmcache skipped")
+    return False
+
+
+def _measured(
+    label: str, cell: Callable[[], tuple[Row, Row]], console: Console, errors: list[str]
+) -> tuple[Row, ...]:
+    """The rows of one measured cell, or none with its error printed and recorded."""
+    with console.status(f"measuring {label}"):
+        try:
+            return cell()
+        except (KVStoreError, OSError) as exc:
+            errors.append(f"{label}: {type(exc).__name__}: {exc}")
+            console.print(f"[red]error[/red] {errors[-1]}")
+            return ()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

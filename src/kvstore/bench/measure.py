@@ -28,9 +28,9 @@ from kvstore.bench.rows import (
     Workload,
 )
 from kvstore.config import StoreConfig, TierConfig
-from kvstore.config_url import url_scheme
+from kvstore.config_url import DriverConfig, url_scheme
 from kvstore.errors import KVStoreError, NotSupportedError
-from kvstore.registry import default_registry
+from kvstore.registry import default_registry, parse_url
 from kvstore.store import KVStore
 
 
@@ -42,9 +42,10 @@ def _tier_url(tier: str, workload: Workload, directory: Path) -> str:
     return f"nvme://{directory}?capacity={2 * held + (64 << 20)}"
 
 
-def _direct_io_baseline(store: KVStore, directory: Path, workload: Workload) -> DirectIOBaseline:
+def _direct_io_baseline(
+    config: DriverConfig, directory: Path, workload: Workload
+) -> DirectIOBaseline:
     """The O_DIRECT baseline with the nvme driver's threads, piece size and fsync setting."""
-    config = store.tiers[0].driver.config
     threads = getattr(config, "io_threads", DEFAULT_IO_THREADS)
     piece = getattr(config, "io_block", DEFAULT_IO_BLOCK)
     return DirectIOBaseline(
@@ -100,7 +101,7 @@ def measure(
         elif tier == "cpu":
             baseline = CopyBaseline(workload)
         else:
-            baseline = _direct_io_baseline(store, baseline_dir, workload)
+            baseline = _direct_io_baseline(store.tiers[0].driver.config, baseline_dir, workload)
         rows = _rows(label, workload, verify, baseline.description)
         for repeat in range(settings.warmup + settings.repeat):
             times = _one_repeat(store, baseline, workload, check=repeat == 0)
@@ -115,16 +116,38 @@ def measure(
         shutil.rmtree(baseline_dir, ignore_errors=True)
 
 
-def measure_lmcache(workload: Workload, settings: Settings) -> tuple[Row, Row]:
-    """LMCache's CPU backend on the workload's chunks against the cpu tier's raw copy,
-    alternating in the same run (``bench_lmcache``)."""
-    backend = bench_lmcache.LMCacheCpu(workload.layout, CHUNK_TOKENS, workload.chunks)
-    baseline = CopyBaseline(workload)
-    ct = CHUNK_TOKENS
-    chunks = [workload.kv[:, :, i * ct : (i + 1) * ct] for i in range(workload.chunks)]
-    outs = [workload.out[:, :, i * ct : (i + 1) * ct] for i in range(workload.chunks)]
-    rows = _rows(bench_lmcache.NAME, workload, False, baseline.description)
+def measure_lmcache(
+    tier: str, workload: Workload, settings: Settings, scratch: Path
+) -> tuple[Row, Row]:
+    """LMCache's backend beside ``tier`` on the workload's chunks against that tier's raw
+    baseline, alternating in the same run (``bench_lmcache``): its CPU backend against the
+    cpu tier's copy, its disk backend under ``scratch`` against the nvme tier's O_DIRECT."""
+    name = bench_lmcache.NAMES[tier]
+    store_dir = Path(tempfile.mkdtemp(prefix=f"{name}-store-", dir=scratch))
+    baseline_dir = Path(tempfile.mkdtemp(prefix=f"{name}-baseline-", dir=scratch))
+    backend: bench_lmcache.LMCacheCpu | bench_lmcache.LMCacheDisk | None = None
+    baseline: Baseline | None = None
     try:
+        if tier == "cpu":
+            baseline = CopyBaseline(workload)
+            backend = bench_lmcache.LMCacheCpu(workload.layout, CHUNK_TOKENS, workload.chunks)
+        else:
+            direct = _direct_io_baseline(
+                parse_url(_tier_url(tier, workload, store_dir)), baseline_dir, workload
+            )
+            baseline = direct
+            backend = bench_lmcache.LMCacheDisk(
+                workload.layout,
+                CHUNK_TOKENS,
+                workload.chunks,
+                directory=store_dir,
+                threads=direct.threads,
+                repeats=settings.warmup + settings.repeat,
+            )
+        ct = CHUNK_TOKENS
+        chunks = [workload.kv[:, :, i * ct : (i + 1) * ct] for i in range(workload.chunks)]
+        outs = [workload.out[:, :, i * ct : (i + 1) * ct] for i in range(workload.chunks)]
+        rows = _rows(name, workload, False, baseline.description)
         for repeat in range(settings.warmup + settings.repeat):
             workload.out.zero_()
             times = RepeatTimes(
@@ -133,11 +156,17 @@ def measure_lmcache(workload: Workload, settings: Settings) -> tuple[Row, Row]:
             if repeat == 0 and not torch.equal(workload.out, workload.kv):
                 raise KVStoreError("LMCache returned different KV than was stored")
             backend.clear()
+            baseline.reset()
             if repeat >= settings.warmup:
                 _record(rows, times)
+        return rows
     finally:
-        backend.close()
-    return rows
+        if backend is not None:
+            backend.close()
+        if baseline is not None:
+            baseline.close()
+        shutil.rmtree(store_dir, ignore_errors=True)
+        shutil.rmtree(baseline_dir, ignore_errors=True)
 
 
 class RepeatTimes(NamedTuple):

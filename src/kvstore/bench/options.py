@@ -90,8 +90,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "--compare",
         action="append",
         choices=["lmcache"],
-        help="also measure LMCache's CPU backend on the same chunks against the same raw "
-        "copy, when LMCache is importable (reported, never required)",
+        help="also measure LMCache on the same chunks against the same baselines, when "
+        "LMCache is importable (reported, never required): its CPU backend beside the cpu "
+        "tier, its O_DIRECT disk backend under --dir beside the nvme tier",
     )
 
 
