@@ -15,7 +15,7 @@ from kvstore.errors import IntegrityError
 from kvstore.layout import KVLayout
 
 LAYOUT = KVLayout(num_layers=4, num_kv_heads=8, head_dim=128)
-TOKENS = 256
+TOKENS = 512
 KEY = bytes(range(32))
 
 
@@ -42,7 +42,8 @@ def test_a_strided_chunk_is_encoded_and_decoded_in_one_pass() -> None:
     generator = torch.Generator().manual_seed(0)
     wide = torch.randn(LAYOUT.shape(3 * TOKENS), generator=generator).half()
     kv = wide[:, :, TOKENS : 2 * TOKENS]
-    assert tensor_pieces(kv) is not None, "a token slice is copied slab by slab"
+    assert tensor_pieces(kv) is not None, "a token slice of 1 MiB slabs is copied slab by slab"
+    assert tensor_pieces(wide[:, :, : TOKENS // 2]) is None, "smaller slabs: one copy, then hash"
     data = encode_chunk(KEY, kv)
     header = read_header(memoryview(data))
     assert header.block_digest
