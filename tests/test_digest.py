@@ -36,6 +36,10 @@ def test_digest_matches_the_spec_whatever_the_threads(size: int) -> None:
     copied = np.empty_like(payload)
     assert copy_with_digest(copied, pieces, "into_payload", threads=2) == expected
     assert np.array_equal(copied, payload)
+    back = np.zeros_like(payload)
+    targets = [back[: size // 3], back[size // 3 : size // 2], back[size // 2 :]]
+    assert copy_with_digest(copied, targets, "from_payload", threads=2) == expected
+    assert np.array_equal(back, payload)
 
 
 def test_a_strided_chunk_is_encoded_and_decoded_in_one_pass() -> None:
@@ -43,7 +47,8 @@ def test_a_strided_chunk_is_encoded_and_decoded_in_one_pass() -> None:
     wide = torch.randn(LAYOUT.shape(3 * TOKENS), generator=generator).half()
     kv = wide[:, :, TOKENS : 2 * TOKENS]
     assert tensor_pieces(kv) is not None, "a token slice of 1 MiB slabs is copied slab by slab"
-    assert tensor_pieces(wide[:, :, : TOKENS // 2]) is None, "smaller slabs: one copy, then hash"
+    assert tensor_pieces(wide[:, :, : TOKENS // 2]) is not None, "512 KiB slabs too"
+    assert tensor_pieces(wide[:, :, : TOKENS // 8]) is None, "smaller slabs: one copy, then hash"
     data = encode_chunk(KEY, kv)
     header = read_header(memoryview(data))
     assert header.block_digest
