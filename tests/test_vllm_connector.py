@@ -66,7 +66,7 @@ from kvstore.connectors.vllm_paged import (
     layer_cache,
     layer_order,
 )
-from kvstore.connectors.vllm_saves import Saves
+from kvstore.connectors.vllm_saves import SaveBuffers, Saves
 from kvstore.connectors.vllm_specs import LoadSpec, SaveSpec
 from kvstore.connectors.vllm_transfer import Transfer
 from kvstore.connectors.weights import weights_revision
@@ -351,15 +351,45 @@ def test_a_save_copies_out_only_the_chunks_not_stored(
     tokens = list(range(4 * WORKER_CHUNK))
     blocks = [5, 3, 7, 1, 0, 2, 4, 6]
     _save(transfer, SaveSpec("r1", tokens[: 2 * WORKER_CHUNK], blocks[:4], 0, False))
-    assert gathered == [2 * WORKER_CHUNK] * 2
+    assert gathered == [WORKER_CHUNK] * 4, "a chunk at a time into its buffer, 2 layers"
     gathered.clear()
     assert _save(transfer, SaveSpec("r1", tokens, blocks, 2 * WORKER_CHUNK, True)) == {"r1"}
-    assert gathered == [2 * WORKER_CHUNK] * 2
+    assert gathered == [WORKER_CHUNK] * 4
     assert [(r.chunks, r.written, r.already_cached) for r in submitted] == [(2, 2, 0)] * 2
     loaded = transfer.store.retrieve(tokens)
     assert loaded.tokens == 4 * WORKER_CHUNK
     assert loaded.kv is not None
     assert torch.equal(loaded.kv, _cached_kv(transfer, blocks, 4 * WORKER_CHUNK))
+
+
+def test_save_buffers_are_touched_up_front_reused_and_bounded() -> None:
+    size = WORKER_LAYOUT.nbytes(WORKER_CHUNK)
+    buffers = SaveBuffers(WORKER_LAYOUT, WORKER_CHUNK, reserve_bytes=2 * size, keep_bytes=3 * size)
+    taken = [buffers.take() for _ in range(4)]
+    assert all(t.shape == WORKER_LAYOUT.shape(WORKER_CHUNK) for t in taken)
+    assert not taken[0].any() and not taken[1].any(), "the reserve was touched (zeroed)"
+    buffers.give(taken)
+    again = [buffers.take() for _ in range(4)]
+    addresses = {t.data_ptr() for t in taken}
+    assert sum(t.data_ptr() in addresses for t in again) == 3, "three kept, one new"
+
+
+def test_saves_in_a_row_reuse_buffers_and_store_each_ones_kv(transfer: Transfer) -> None:
+    """The steady state: buffers go back to the pool once a save is written, and a
+    later save that reuses them never changes what the earlier one stored."""
+    saves = Saves(transfer, 1 << 30, buffer_bytes=2 * WORKER_LAYOUT.nbytes(WORKER_CHUNK))
+    blocks = [[5, 3, 7, 1], [0, 2, 4, 6], [8, 15, 9, 14]]
+    prompts = [[base + i for i in range(2 * WORKER_CHUNK)] for base in (0, 1000, 2000)]
+    for number, (tokens, ids) in enumerate(zip(prompts, blocks)):
+        spec = SaveSpec(f"r{number}", tokens, ids, 0, False)
+        for layer in range(len(transfer.caches)):
+            saves.gather_layer([spec], layer)
+        saves.submit([spec])
+        saves.inflight.drain(0)
+    for tokens, ids in zip(prompts, blocks):
+        loaded = transfer.store.retrieve(tokens)
+        assert loaded.kv is not None and loaded.tokens == 2 * WORKER_CHUNK
+        assert torch.equal(loaded.kv, _cached_kv(transfer, ids, 2 * WORKER_CHUNK))
 
 
 def test_loads_read_past_vllms_hit_in_batches_and_stop_at_a_miss(

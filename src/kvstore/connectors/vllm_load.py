@@ -131,7 +131,10 @@ class LoadJob:
 
     def _scatter(self, tokens: torch.Tensor, slots: torch.Tensor, layer: int) -> None:
         transfer = self._transfer
-        scatter(tokens[layer : layer + 1].to(transfer.device), transfer.caches[layer], slots)
+        if transfer.write_layer is not None:
+            transfer.write_layer(layer, tokens[layer], slots)
+        else:
+            scatter(tokens[layer : layer + 1].to(transfer.device), transfer.caches[layer], slots)
 
     def _run(self) -> None:
         layers = range(len(self._transfer.caches))

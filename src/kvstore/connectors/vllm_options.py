@@ -24,6 +24,7 @@ class ConnectorOptions:
     blocking_save: bool
     lookup_timeout_s: float
     max_inflight_save_bytes: int
+    save_buffer_bytes: int
 
     @classmethod
     def parse(cls, extra: dict[str, Any], *, producer: bool, block_size: int) -> ConnectorOptions:
@@ -36,6 +37,7 @@ class ConnectorOptions:
             "blocking_save",
             "lookup_timeout_s",
             "max_inflight_save_bytes",
+            "save_buffer_bytes",
         }
         unknown = sorted(set(extra) - known)
         if unknown:
@@ -62,6 +64,7 @@ class ConnectorOptions:
                 ("blocking_save", producer),
                 ("lookup_timeout_s", 5.0),
                 ("max_inflight_save_bytes", 1 << 30),
+                ("save_buffer_bytes", 256 << 20),
             )
         }
         for name in ("save_decode", "blocking_save"):
@@ -73,6 +76,9 @@ class ConnectorOptions:
         inflight = options["max_inflight_save_bytes"]
         if isinstance(inflight, bool) or not isinstance(inflight, int) or inflight <= 0:
             raise ConfigError(f"max_inflight_save_bytes must be a positive int, got {inflight!r}")
+        buffers = options["save_buffer_bytes"]
+        if isinstance(buffers, bool) or not isinstance(buffers, int) or buffers < 0:
+            raise ConfigError(f"save_buffer_bytes must be an int >= 0, got {buffers!r}")
         return cls(
             store=store.model_copy(update={"chunk_tokens": chunk_tokens}),
             model_name=text_option(extra, "model_name"),
@@ -81,4 +87,5 @@ class ConnectorOptions:
             blocking_save=options["blocking_save"],
             lookup_timeout_s=float(timeout),
             max_inflight_save_bytes=inflight,
+            save_buffer_bytes=buffers,
         )

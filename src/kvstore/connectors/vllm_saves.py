@@ -20,6 +20,7 @@ import torch
 from kvstore.connectors.vllm_paged import block_slots
 from kvstore.connectors.vllm_specs import SaveSpec
 from kvstore.connectors.vllm_transfer import Transfer
+from kvstore.layout import KVLayout
 from kvstore.triton_kernels import gather
 
 log = logging.getLogger("kvstore.connectors.vllm")
@@ -68,13 +69,50 @@ class InflightSaves:
             wait([live[0][0]])
 
 
+class SaveBuffers:
+    """Chunk-sized host tensors that saves are copied into, reused once a save is
+    written: a fresh allocation costs a page fault a page on first touch, which
+    on a virtual machine made copying a save out of vLLM's cache ten times
+    slower than the copy itself. ``reserve_bytes`` of them are allocated and
+    touched up front; more are allocated when a step needs them, and up to
+    ``keep_bytes`` are kept for reuse. Pinned where CUDA is available."""
+
+    def __init__(
+        self, layout: KVLayout, chunk_tokens: int, *, reserve_bytes: int, keep_bytes: int
+    ) -> None:
+        self._shape = layout.shape(chunk_tokens)
+        self._dtype = layout.torch_dtype
+        self._pin = torch.cuda.is_available()
+        size = layout.nbytes(chunk_tokens)
+        self._keep = max(keep_bytes, reserve_bytes) // size
+        self._lock = threading.Lock()
+        self._free = [self._new().zero_() for _ in range(reserve_bytes // size)]
+
+    def _new(self) -> torch.Tensor:
+        return torch.empty(self._shape, dtype=self._dtype, pin_memory=self._pin)
+
+    def take(self) -> torch.Tensor:
+        """A chunk's KV tensor, ``layout.shape(chunk_tokens)``, contents undefined."""
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+        return self._new()
+
+    def give(self, chunks: Sequence[torch.Tensor]) -> None:
+        """Take back tensors from ``take`` that nothing reads any more."""
+        with self._lock:
+            self._free.extend(chunks[: max(0, self._keep - len(self._free))])
+
+
 @dataclass
 class PendingSave:
-    """A save being gathered: the chunk tensor, the layers copied into it so far,
-    and whether a copy failed (then it is not stored)."""
+    """A save being gathered: its chunks' host tensors (on a GPU, the device tensor
+    the layers are gathered into first), the layers copied so far, and whether a
+    copy failed (then it is not stored)."""
 
     spec: SaveSpec
-    kv: torch.Tensor
+    chunks: list[torch.Tensor]
+    on_device: torch.Tensor | None = None
     layers: set[int] = field(default_factory=set)
     failed: bool = False
 
@@ -82,23 +120,39 @@ class PendingSave:
 class Saves:
     """A worker's saves: gathered layer by layer during a step's forward (all
     layers at once for a finished request), then handed to the store, which
-    writes them in the background while at most ``max_inflight_bytes`` wait."""
+    writes them in the background while at most ``max_inflight_bytes`` wait.
 
-    def __init__(self, transfer: Transfer, max_inflight_bytes: int) -> None:
+    On the CPU each layer is gathered straight into the chunks' reused host
+    buffers; on a GPU into one device tensor a save, copied into the host
+    buffers when the step ends."""
+
+    def __init__(
+        self, transfer: Transfer, max_inflight_bytes: int, *, buffer_bytes: int = 0
+    ) -> None:
         self._transfer = transfer
         self._max_inflight = max_inflight_bytes
         self._pending: dict[str, PendingSave] = {}
         self._slots: dict[str, torch.Tensor] = {}
+        self._buffers = SaveBuffers(
+            transfer.layout,
+            transfer.chunk_tokens,
+            reserve_bytes=buffer_bytes,
+            keep_bytes=max_inflight_bytes,
+        )
         self.inflight = InflightSaves()
 
     def _new_pending(self, spec: SaveSpec) -> PendingSave:
         """A save of the chunks from ``spec.start`` on: only those are copied out."""
-        layout = self._transfer.layout
+        transfer = self._transfer
         tokens = len(spec.token_ids) - spec.start
-        kv = torch.empty(
-            layout.shape(tokens), dtype=layout.torch_dtype, device=self._transfer.device
+        chunks = [self._buffers.take() for _ in range(tokens // transfer.chunk_tokens)]
+        if transfer.device.type == "cpu":
+            return PendingSave(spec, chunks)
+        layout = transfer.layout
+        on_device = torch.empty(
+            layout.shape(tokens), dtype=layout.torch_dtype, device=transfer.device
         )
-        return PendingSave(spec, kv)
+        return PendingSave(spec, chunks, on_device)
 
     def _gather(self, pending: PendingSave, layer: int) -> None:
         """Copy one layer of a save out of vLLM's cache; a failure drops the save, logged."""
@@ -111,7 +165,13 @@ class Saves:
                     spec.block_ids, transfer.block_size, spec.start, len(spec.token_ids)
                 )
                 slots = self._slots[spec.req_id] = slots.to(transfer.device)
-            gather(transfer.caches[layer], slots, out=pending.kv[layer : layer + 1])
+            cache = transfer.caches[layer]
+            if pending.on_device is not None:
+                gather(cache, slots, out=pending.on_device[layer : layer + 1])
+            else:
+                ct = transfer.chunk_tokens
+                for i, chunk in enumerate(pending.chunks):
+                    gather(cache, slots[i * ct : (i + 1) * ct], out=chunk[layer : layer + 1])
         except Exception:
             log.exception(
                 "kvstore: copying %s out of vLLM's cache failed; not saving it", spec.req_id
@@ -148,31 +208,38 @@ class Saves:
         self._slots.clear()
         layers = len(self._transfer.caches)
         for pending in saves:
-            if pending.failed:
-                continue
-            if len(pending.layers) != layers:
+            if not pending.failed and len(pending.layers) != layers:
                 log.warning(
                     "kvstore: %s: only %d of %d layers were saved this step; not storing it",
                     pending.spec.req_id,
                     len(pending.layers),
                     layers,
                 )
+            elif not pending.failed:
+                self._store(pending)
                 continue
-            self._store(pending.spec, pending.kv.cpu())
+            self._buffers.give(pending.chunks)
         return sent
 
-    def _store(self, spec: SaveSpec, kv: torch.Tensor) -> None:
-        """Hand the chunks of ``spec`` from ``spec.start`` on (``kv``) to the store."""
-        chunk = self._transfer.chunk_tokens
+    def _store(self, pending: PendingSave) -> None:
+        """Hand the chunks of a save (from ``spec.start`` on) to the store; their
+        buffers return to the pool once the store is done with them."""
+        spec = pending.spec
+        ct = self._transfer.chunk_tokens
+        if pending.on_device is not None:
+            for i, chunk in enumerate(pending.chunks):
+                chunk.copy_(pending.on_device[:, :, i * ct : (i + 1) * ct])
         keys = self._transfer.keys.of(spec.req_id, spec.token_ids)
-        size = kv.numel() * kv.element_size()
+        size = sum(chunk.numel() * chunk.element_size() for chunk in pending.chunks)
         self.inflight.drain(self._max_inflight - size)
-        first = spec.start // chunk
-        future = self._transfer.store.submit_store_chunks(
-            keys[first:],
-            [kv[:, :, i * chunk : (i + 1) * chunk] for i in range(len(keys) - first)],
-        )
+        first = spec.start // ct
+        try:
+            future = self._transfer.store.submit_store_chunks(keys[first:], pending.chunks)
+        except BaseException:
+            self._buffers.give(pending.chunks)
+            raise
         future.add_done_callback(functools.partial(log_save, spec.req_id))
+        future.add_done_callback(lambda _: self._buffers.give(pending.chunks))
         self.inflight.add(future, keys, size)
 
 

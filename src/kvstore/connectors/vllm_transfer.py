@@ -3,6 +3,7 @@ caches and the store, with the keys both name a request's chunks by."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -12,11 +13,17 @@ from kvstore.layout import KVLayout
 from kvstore.store import KVStore
 from kvstore.triton_kernels import PagedKVCache
 
+LayerWriter = Callable[[int, torch.Tensor, torch.Tensor], None]
+"""``write(layer, kv, slots)``: the engine's own kernel writing one layer's KV
+(``[2, tokens, heads, dim]``) into its paged cache at ``slots``."""
+
 
 @dataclass(frozen=True)
 class Transfer:
     """The store and keys on one side; on the other, the engine's layers in model
-    order (``caches``) with their block size and device."""
+    order (``caches``) with their block size and device, and ``write_layer``
+    where the engine has a faster kernel to load KV with than kvstore's scatter
+    into ``caches``."""
 
     store: KVStore
     keys: RequestKeys
@@ -25,6 +32,7 @@ class Transfer:
     block_size: int
     chunk_tokens: int
     device: torch.device
+    write_layer: LayerWriter | None = None
 
 
-__all__ = ["Transfer"]
+__all__ = ["LayerWriter", "Transfer"]
