@@ -35,12 +35,18 @@ their names are ``options.LAYOUT_NAMES``."""
 TIERS = ("cpu", "nvme")
 
 
-TARGETS: dict[str, float] = {"cpu": 0.85, "nvme": 0.90}
+TARGETS: dict[tuple[str, bool], float] = {
+    ("cpu", True): 0.85,
+    ("cpu", False): 0.90,
+    ("nvme", True): 0.90,
+    ("nvme", False): 0.90,
+}
 
 
 REMOTE_TARGET = 0.85
-"""The ratio each tier aims for against its raw baseline (reported, not enforced);
-remote tiers (``--url``) aim for ``REMOTE_TARGET`` of their raw client."""
+"""The ratio each tier aims for against its raw baseline, by tier and whether
+payloads are verified (reported, not enforced); remote tiers (``--url``) and
+LMCache's rows aim for ``REMOTE_TARGET`` of theirs."""
 
 
 DEFAULT_IO_THREADS, DEFAULT_IO_BLOCK = 8, 4 << 20
@@ -91,7 +97,7 @@ class Row:
 
     @property
     def target(self) -> float:
-        return TARGETS.get(self.tier, REMOTE_TARGET)
+        return TARGETS.get((self.tier, self.verify), REMOTE_TARGET)
 
     def to_json(self) -> dict[str, Any]:
         return {
