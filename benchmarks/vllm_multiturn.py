@@ -135,13 +135,22 @@ def best_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """One engine's figures over repeated runs: the best (least disturbed) of each
     time, the median next to it, and every run."""
     lowest = ("ttft_first_turn_s", "ttft_later_turns_s", "wall_s")
-    summary = {key: min(run[key] for run in runs) for key in lowest}
-    summary["output_tokens_per_s"] = max(run["output_tokens_per_s"] for run in runs)
-    medians = {
-        f"median_{key}": statistics.median(run[key] for run in runs)
+    measured = {
+        key: [run[key] for run in runs if run[key] is not None]
         for key in (*lowest, "output_tokens_per_s")
     }
+    summary: dict[str, Any] = {key: min(measured[key], default=None) for key in lowest}
+    summary["output_tokens_per_s"] = max(measured["output_tokens_per_s"])
+    medians = {
+        f"median_{key}": statistics.median(values) if values else None
+        for key, values in measured.items()
+    }
     return runs[0] | summary | medians | {"runs": runs}
+
+
+def _ms(seconds: float | None) -> str:
+    """Seconds as whole milliseconds; a dash where there was nothing to time (one turn)."""
+    return "-" if seconds is None else f"{seconds * 1000:.0f} ms"
 
 
 def main(argv: list[str]) -> int:
@@ -221,8 +230,8 @@ def main(argv: list[str]) -> int:
     print("| --- | --- | --- | --- | --- | --- |")
     for result in results:
         print(
-            f"| {result['engine']} | {result['ttft_first_turn_s'] * 1000:.0f} ms "
-            f"| {result['ttft_later_turns_s'] * 1000:.0f} ms "
+            f"| {result['engine']} | {_ms(result['ttft_first_turn_s'])} "
+            f"| {_ms(result['ttft_later_turns_s'])} "
             f"| {result['cached_tokens']} of {result['prompt_tokens']} "
             f"| {result['output_tokens_per_s']:.1f} | {result['wall_s']:.1f} s |"
         )
