@@ -208,17 +208,18 @@ class Saves:
         self._slots.clear()
         layers = len(self._transfer.caches)
         for pending in saves:
-            if not pending.failed and len(pending.layers) != layers:
+            complete = len(pending.layers) == layers
+            if not pending.failed and not complete:
                 log.warning(
                     "kvstore: %s: only %d of %d layers were saved this step; not storing it",
                     pending.spec.req_id,
                     len(pending.layers),
                     layers,
                 )
-            elif not pending.failed:
+            if pending.failed or not complete:
+                self._buffers.give(pending.chunks)
+            else:
                 self._store(pending)
-                continue
-            self._buffers.give(pending.chunks)
         return sent
 
     def _store(self, pending: PendingSave) -> None:
