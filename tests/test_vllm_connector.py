@@ -51,7 +51,7 @@ from kvstore.config import StoreConfig
 from kvstore.connectors import vllm_load, vllm_saves
 from kvstore.connectors.config import store_config
 from kvstore.connectors.vllm_keys import RequestKeys
-from kvstore.connectors.vllm_load import LoadJob
+from kvstore.connectors.vllm_load import LoadJob, ScatterThreads
 from kvstore.connectors.vllm_lookup import (
     LookupClient,
     LookupServer,
@@ -213,6 +213,13 @@ def test_options_parse_and_check(tmp_path: Path) -> None:
     assert options.store.chunk_tokens == 256
     assert not options.blocking_save
     assert options.save_decode
+    assert options.load_threads is None
+    assert (
+        ConnectorOptions.parse(
+            {"config": "cpu://", "load_threads": 3}, producer=False, block_size=BLOCK
+        ).load_threads
+        == 3
+    )
     assert ConnectorOptions.parse(
         {"config": ["cpu://?capacity=64MiB"]}, producer=True, block_size=BLOCK
     ).blocking_save
@@ -231,6 +238,8 @@ def test_options_parse_and_check(tmp_path: Path) -> None:
         ({"config": "cpu://", "lookup_timeout_s": 0}, "positive number"),
         ({"config": "cpu://", "max_inflight_save_bytes": 1.5}, "positive int"),
         ({"config": "cpu://", "model_revision": 3}, "must be a string"),
+        ({"config": "cpu://", "load_threads": 0}, "load_threads must be a positive int"),
+        ({"config": "cpu://", "load_threads": True}, "load_threads must be a positive int"),
         ({"config": "cpu://", "chunk": 128}, "unknown kv_connector_extra_config keys"),
     ]
     for extra, message in bad:
@@ -392,9 +401,12 @@ def test_saves_in_a_row_reuse_buffers_and_store_each_ones_kv(transfer: Transfer)
         assert torch.equal(loaded.kv, _cached_kv(transfer, ids, 2 * WORKER_CHUNK))
 
 
+@pytest.mark.parametrize("scatter_threads", [1, 2, 3], ids=lambda n: f"{n}-scatter-threads")
 def test_loads_read_past_vllms_hit_in_batches_and_stop_at_a_miss(
-    transfer: Transfer, monkeypatch: pytest.MonkeyPatch
+    transfer: Transfer, monkeypatch: pytest.MonkeyPatch, scatter_threads: int
 ) -> None:
+    """With scatter threads (vLLM's CPU backend) the layers are split over them,
+    more threads than layers included; the KV landed is the same."""
     monkeypatch.setattr(vllm_load, "BATCH_BYTES", WORKER_LAYOUT.nbytes(WORKER_CHUNK))
     tokens = list(range(4 * WORKER_CHUNK))
     source = [5, 3, 7, 1, 0, 2, 4, 6]
@@ -406,17 +418,48 @@ def test_loads_read_past_vllms_hit_in_batches_and_stop_at_a_miss(
         scatter(zeros, cache, block_slots(target, WORKER_BLOCK, 0, 4 * WORKER_CHUNK))
     hits = transfer.store.tiers[0].stats.hits
     skip = WORKER_CHUNK + WORKER_BLOCK
+    scatterers = ScatterThreads(scatter_threads) if scatter_threads > 1 else None
     with ThreadPoolExecutor(1) as reader:
-        job = LoadJob(transfer, [LoadSpec("r2", tokens, target, skip)], reader)
+        job = LoadJob(transfer, [LoadSpec("r2", tokens, target, skip)], reader, scatterers)
         for layer in range(len(transfer.caches)):
             job.wait_layer(layer)
         job.join()
+    if scatterers is not None:
+        scatterers.shutdown()
     assert transfer.store.tiers[0].stats.hits - hits == 2
     assert job.results == {"r2": (4 * WORKER_CHUNK, 3 * WORKER_CHUNK)}
     assert job.failed_blocks == set(target[6:])
     after = _cached_kv(transfer, target, 3 * WORKER_CHUNK)
     assert torch.equal(after[:, :, skip:], expected[:, :, skip:])
     assert not after[:, :, :skip].any()
+
+
+def test_a_failing_scatter_thread_fails_the_load_and_releases_every_layer(
+    transfer: Transfer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tokens = list(range(2 * WORKER_CHUNK))
+    _save(transfer, SaveSpec("r1", tokens, [5, 3, 7, 1], 0, False))
+    real_scatter = vllm_load.scatter
+    layers_seen: list[int] = []
+
+    def failing_on_second_layer(chunk: torch.Tensor, cache: Any, slots: torch.Tensor) -> None:
+        layers_seen.append(transfer.caches.index(cache))
+        if cache is transfer.caches[1]:
+            raise RuntimeError("copy failed")
+        real_scatter(chunk, cache, slots)
+
+    monkeypatch.setattr(vllm_load, "scatter", failing_on_second_layer)
+    scatterers = ScatterThreads(2)
+    target = [8, 15, 9, 14]
+    with ThreadPoolExecutor(1) as reader:
+        job = LoadJob(transfer, [LoadSpec("r2", tokens, target, 0)], reader, scatterers)
+        for layer in range(len(transfer.caches)):
+            job.wait_layer(layer)
+        job.join()
+    scatterers.shutdown()
+    assert 1 in layers_seen
+    assert job.results == {"r2": (2 * WORKER_CHUNK, 0)}
+    assert job.failed_blocks == set(target), "vLLM recomputes every block"
 
 
 # --------------------------------------------------------------- end to end

@@ -25,6 +25,7 @@ class ConnectorOptions:
     lookup_timeout_s: float
     max_inflight_save_bytes: int
     save_buffer_bytes: int
+    load_threads: int | None
 
     @classmethod
     def parse(cls, extra: dict[str, Any], *, producer: bool, block_size: int) -> ConnectorOptions:
@@ -38,6 +39,7 @@ class ConnectorOptions:
             "lookup_timeout_s",
             "max_inflight_save_bytes",
             "save_buffer_bytes",
+            "load_threads",
         }
         unknown = sorted(set(extra) - known)
         if unknown:
@@ -79,6 +81,11 @@ class ConnectorOptions:
         buffers = options["save_buffer_bytes"]
         if isinstance(buffers, bool) or not isinstance(buffers, int) or buffers < 0:
             raise ConfigError(f"save_buffer_bytes must be an int >= 0, got {buffers!r}")
+        threads = extra.get("load_threads")
+        if threads is not None and (
+            isinstance(threads, bool) or not isinstance(threads, int) or threads <= 0
+        ):
+            raise ConfigError(f"load_threads must be a positive int, got {threads!r}")
         return cls(
             store=store.model_copy(update={"chunk_tokens": chunk_tokens}),
             model_name=text_option(extra, "model_name"),
@@ -88,4 +95,5 @@ class ConnectorOptions:
             lookup_timeout_s=float(timeout),
             max_inflight_save_bytes=inflight,
             save_buffer_bytes=buffers,
+            load_threads=threads,
         )

@@ -13,7 +13,7 @@ from vllm.platforms import current_platform
 
 from kvstore.connectors.stores import shared_stores
 from kvstore.connectors.vllm_keys import RequestKeys
-from kvstore.connectors.vllm_load import LoadJob
+from kvstore.connectors.vllm_load import LoadJob, ScatterThreads
 from kvstore.connectors.vllm_lookup import LookupServer, register_local, unregister_local
 from kvstore.connectors.vllm_metadata import KVStoreConnectorMetadata, KVStoreWorkerMetadata
 from kvstore.connectors.vllm_paged import Backend, layer_cache, layer_order
@@ -30,6 +30,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kvstore.connectors.vllm")
 
+MAX_SCATTER_THREADS = 4
+"""Most threads a CPU load copies layers on unless ``load_threads`` says: as many
+as torch's (vLLM sets them to its cores), no more than this, since each copy is
+memory-bound."""
+
 
 class WorkerSide:
     """Owns the store and the paged-cache views; runs loads and saves."""
@@ -43,6 +48,7 @@ class WorkerSide:
         self._server: LookupServer | None = None
         self._job: LoadJob | None = None
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="kvstore-vllm-read")
+        self._scatterers: ScatterThreads | None = None
         self._load_errors: set[int] = set()
         self._loads: dict[str, tuple[int, int]] = {}
         self._sent: set[str] = set()
@@ -91,6 +97,11 @@ class WorkerSide:
             cache_dtype = self._config.cache_config.cache_dtype
             _check_cpu_layout(kv_caches[names[0]], cache_dtype)
             write_layer = _cpu_layer_writer([kv_caches[name] for name in names], cache_dtype)
+            threads = self._connector._options.load_threads or min(
+                MAX_SCATTER_THREADS, torch.get_num_threads()
+            )
+            threads = min(threads, len(names))
+            self._scatterers = ScatterThreads(threads) if threads > 1 else None
         layout = KVLayout(
             num_layers=len(caches),
             num_kv_heads=first.num_heads,
@@ -161,7 +172,7 @@ class WorkerSide:
 
     def start_load(self, metadata: KVStoreConnectorMetadata) -> None:
         if metadata.loads:
-            self._job = LoadJob(self.transfer, metadata.loads, self._reader)
+            self._job = LoadJob(self.transfer, metadata.loads, self._reader, self._scatterers)
 
     def wait_layer(self, layer_name: str) -> None:
         if self._job is not None and layer_name in self.index:
@@ -220,6 +231,8 @@ class WorkerSide:
     def close(self) -> None:
         self._finish_load()
         self._reader.shutdown()
+        if self._scatterers is not None:
+            self._scatterers.shutdown()
         if self._saves is not None:
             self._saves.inflight.drain(0)
         if self._server is not None:
