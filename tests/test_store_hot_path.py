@@ -54,6 +54,49 @@ async def test_store_encodes_into_lent_room_and_lends_the_bytes_below(tmp_path: 
         await store.close()
 
 
+async def test_a_memory_tier_moves_a_request_in_one_call_and_io_tiers_in_batches(
+    tmp_path: Path,
+) -> None:
+    """Batches bound I/O calls and pooled buffers; room lent and chunks borrowed in
+    this process's memory take neither, and each batch waits for its slowest copy,
+    so the cpu tier gets a request in one call each way; a tier below it (and
+    writes passed down to it) still go in ``io_batch_bytes`` batches."""
+    one_chunk = LAYOUT.nbytes(CHUNK)
+    cpu = FaultyDriver.wrap(await open_driver("cpu://?capacity=16MiB"), COUNT_ONLY)
+    store = await AsyncKVStore.open(
+        config("cpu://?capacity=16MiB", io_batch_bytes=one_chunk), NAMESPACE, drivers=[cpu]
+    )
+    try:
+        ids, kv = prompt(9, 5 * CHUNK)
+        assert (await store.store(ids, kv)).written == 5
+        assert cpu.calls["lend_many"] == 1
+        loaded = await store.retrieve(ids)
+        assert loaded.kv is not None and torch.equal(loaded.kv, kv)
+        assert cpu.calls["borrow_many"] == 1
+    finally:
+        await store.close()
+    cpu = FaultyDriver.wrap(await open_driver("cpu://?capacity=16MiB"), COUNT_ONLY)
+    nvme = FaultyDriver.wrap(await open_driver(f"nvme://{tmp_path}/n?capacity=64MiB"), COUNT_ONLY)
+    store = await AsyncKVStore.open(
+        config(
+            "cpu://?capacity=16MiB", f"nvme://{tmp_path}/n?capacity=64MiB", io_batch_bytes=one_chunk
+        ),
+        NAMESPACE,
+        drivers=[cpu, nvme],
+    )
+    try:
+        ids, kv = prompt(10, 5 * CHUNK)
+        assert (await store.store(ids, kv)).written == 5
+        await store.flush()
+        assert cpu.calls["lend_many"] == 5, "written through: one batch at a time"
+        await store.clear(tier=store.tiers[0].name)
+        loaded = await store.retrieve(ids)
+        assert loaded.kv is not None and torch.equal(loaded.kv, kv)
+        assert nvme.calls["get_many"] == 5
+    finally:
+        await store.close()
+
+
 async def test_strided_and_repeated_stores_read_back_exactly() -> None:
     store = await AsyncKVStore.open(config("cpu://?capacity=16MiB"), NAMESPACE)
     try:

@@ -209,7 +209,8 @@ class StoreConfig(BaseModel):
         promoted to the first) before ``on_queue_full`` applies.
     on_queue_full: ``block`` makes ``store`` wait (back-pressure); ``drop``
         skips the background write and counts it.
-    io_batch_bytes: bytes of chunks per driver call on the hot path.
+    io_batch_bytes: bytes of chunks per driver call on the hot path (a tier
+        that lends this process's memory takes a whole request in one call).
     read_ahead: batches ``retrieve`` keeps in flight while it decodes (more
         hides the latency of remote tiers, at ``io_batch_bytes`` of buffers each).
     name: the store's ``store`` label in its metrics (docs/metrics.md); a name

@@ -169,7 +169,15 @@ class WritePipeline(Placement):
                 first.index.touch(key)
             else:
                 fresh.append(i)
-        per_batch = self._chunks_per_batch()
+        lending = first.lends_room and not first.codecs and first.down is None
+        # Room lent in this process's memory needs no I/O batches, and each batch
+        # waits for its slowest copy before the next starts (see ``_batches``):
+        # one batch, unless the chunks also go down to tiers that take batches.
+        per_batch = (
+            max(1, len(fresh))
+            if lending and not self._writes_through(first)
+            else self._chunks_per_batch()
+        )
         batches = [fresh[start : start + per_batch] for start in range(0, len(fresh), per_batch)]
 
         def encode(batch: list[int]) -> asyncio.Future[list[EncodedChunk | BaseException]]:
@@ -179,7 +187,6 @@ class WritePipeline(Placement):
             )
 
         writes = BatchWrites(self._writes_in_flight())
-        lending = first.lends_room and not first.codecs and first.down is None
         pending = encode(batches[0]) if batches and not lending else None
         try:
             for number, batch in enumerate(batches):
