@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kvstore.driver import KeyEntry
 from kvstore.drivers.cpu import pinned
@@ -113,6 +115,42 @@ def test_page_segments_merge_neighbouring_pages() -> None:
     assert second == [3, 4]
     assert pages_for(0, 10) == 0
     assert pages_for(11, 10) == 2
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from(["allocate", "run", "release"]), st.integers(1, 9)),
+        max_size=60,
+    )
+)
+def test_page_allocator_hands_out_the_lowest_free_pages(operations: list[tuple[str, int]]) -> None:
+    """Against a model that keeps every free page: the lowest pages for ``allocate``,
+    the lowest neighbouring run for ``allocate_run``, any order of releases."""
+    allocator = PageAllocator(32)
+    free = set(range(32))
+    held: list[list[int]] = []
+    for operation, count in operations:
+        if operation == "release":
+            if held:
+                pages = held.pop(count % len(held))
+                allocator.release(pages[::-1])
+                free.update(pages)
+        elif operation == "allocate" and count <= len(free):
+            pages = allocator.allocate(count)
+            assert pages == sorted(free)[:count]
+            free.difference_update(pages)
+            held.append(pages)
+        elif operation == "run":
+            starts = [p for p in sorted(free) if all(p + i in free for i in range(count))]
+            run = allocator.allocate_run(count)
+            assert run == (list(range(starts[0], starts[0] + count)) if starts else None)
+            if run is not None:
+                free.difference_update(run)
+                held.append(run)
+        assert allocator.free_count == len(free)
+    with pytest.raises(ValueError, match="pages requested"):
+        allocator.allocate(len(free) + 1)
 
 
 async def test_capabilities(driver: CpuDriver) -> None:
