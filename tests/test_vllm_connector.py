@@ -424,8 +424,6 @@ def test_loads_read_past_vllms_hit_in_batches_and_stop_at_a_miss(
         for layer in range(len(transfer.caches)):
             job.wait_layer(layer)
         job.join()
-    if scatterers is not None:
-        scatterers.shutdown()
     assert transfer.store.tiers[0].stats.hits - hits == 2
     assert job.results == {"r2": (4 * WORKER_CHUNK, 3 * WORKER_CHUNK)}
     assert job.failed_blocks == set(target[6:])
@@ -456,7 +454,6 @@ def test_a_failing_scatter_thread_fails_the_load_and_releases_every_layer(
         for layer in range(len(transfer.caches)):
             job.wait_layer(layer)
         job.join()
-    scatterers.shutdown()
     assert 1 in layers_seen
     assert job.results == {"r2": (2 * WORKER_CHUNK, 0)}
     assert job.failed_blocks == set(target), "vLLM recomputes every block"

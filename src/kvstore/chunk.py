@@ -26,6 +26,7 @@ from kvstore.codecs.base import check_order
 from kvstore.digest import copy_with_digest, payload_digest, tensor_pieces
 from kvstore.dtypes import DTYPE_CODES
 from kvstore.errors import ConfigError, IntegrityError, InvalidArgumentError
+from kvstore.host_copy import copy_into
 from kvstore.layout import DTYPE_NAMES, DTYPES, KVLayout
 
 MAGIC = b"KVSC"
@@ -165,7 +166,7 @@ def encode_chunk(
         pieces = tensor_pieces(kv) if digest else None
         if pieces is None:
             if raw_len:
-                out[size : size + raw_len].view(kv.dtype).view(shape).copy_(kv)
+                copy_into(out[size : size + raw_len].view(kv.dtype).view(shape), kv)
             payload_hash = payload_digest(payload) if digest else None
         else:
             payload_hash = copy_with_digest(
@@ -329,7 +330,7 @@ def decode_chunk(
         )
     kv = source.view(dtype).view(header.shape)
     if out is not None:
-        out.copy_(kv)
+        copy_into(out, kv)
         return out
     return kv if not raw.readonly else kv.clone()
 

@@ -24,7 +24,7 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -62,11 +62,13 @@ class _Lent:
 
 class ScatterThreads:
     """Threads that copy the layers of a CPU load into vLLM's cache side by side,
-    layer ``i`` on thread ``i % count``."""
+    layer ``i`` on thread ``i % count``. They are started for each load and end
+    with it: vLLM's copy kernel runs OpenMP on the thread that calls it, and an
+    OpenMP team that outlived the load would slow every parallel region of
+    vLLM's forward pass (``kvstore.host_copy`` says why)."""
 
     def __init__(self, count: int) -> None:
         self.count = count
-        self._pool = ThreadPoolExecutor(count, thread_name_prefix="kvstore-vllm-scatter")
 
     def run(self, layers: int, scatter_layer: Callable[[int], None]) -> None:
         """Call ``scatter_layer`` for every layer below ``layers``; wait for all of
@@ -76,13 +78,10 @@ class ScatterThreads:
             for layer in range(offset, layers, self.count):
                 scatter_layer(layer)
 
-        jobs = [self._pool.submit(share, offset) for offset in range(min(self.count, layers))]
-        wait(jobs)
+        with ThreadPoolExecutor(self.count, thread_name_prefix="kvstore-vllm-scatter") as pool:
+            jobs = [pool.submit(share, offset) for offset in range(min(self.count, layers))]
         for job in jobs:
             job.result()
-
-    def shutdown(self) -> None:
-        self._pool.shutdown()
 
 
 class LoadJob:

@@ -231,8 +231,6 @@ class WorkerSide:
     def close(self) -> None:
         self._finish_load()
         self._reader.shutdown()
-        if self._scatterers is not None:
-            self._scatterers.shutdown()
         if self._saves is not None:
             self._saves.inflight.drain(0)
         if self._server is not None:

@@ -1,0 +1,65 @@
+"""Host copies with numpy: the same bytes as torch's, and no OpenMP team on the thread."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+
+import pytest
+import torch
+
+from kvstore.host_copy import copy_into
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float8_e4m3fn, torch.uint8]
+)
+def test_strided_copies_match_torch(dtype: torch.dtype) -> None:
+    source = torch.randn(4, 2, 64, 8, 16).to(dtype)
+    strided = source[:, :, 16:48]
+    target = torch.zeros(4, 2, 32, 8, 16, dtype=dtype)
+    copy_into(target, strided)
+    assert torch.equal(target.view(torch.uint8), strided.contiguous().view(torch.uint8))
+    transposed = torch.zeros(16, 8, 32, 2, 4, dtype=dtype).permute(4, 3, 2, 1, 0)
+    copy_into(transposed, strided)
+    assert torch.equal(
+        transposed.contiguous().view(torch.uint8), strided.contiguous().view(torch.uint8)
+    )
+
+
+def test_casts_and_broadcasts_go_through_torch() -> None:
+    target = torch.zeros(3, 4, dtype=torch.float32)
+    copy_into(target, torch.ones(3, 4, dtype=torch.float16))
+    assert torch.equal(target, torch.ones(3, 4))
+    copy_into(target, torch.full((4,), 2.0))
+    assert torch.equal(target, torch.full((3, 4), 2.0))
+
+
+def _threads_started_by(copy: Callable[[torch.Tensor, torch.Tensor], None]) -> int:
+    """How many threads the process has more while a thread that ran ``copy`` of
+    64 MiB lives on (it counts itself)."""
+    source = torch.ones(16 << 20)
+    target = torch.empty_like(source)
+    copied, finish = threading.Event(), threading.Event()
+
+    def work() -> None:
+        copy(target, source)
+        copied.set()
+        finish.wait()
+
+    before = len(os.listdir("/proc/self/task"))
+    thread = threading.Thread(target=work)
+    thread.start()
+    copied.wait()
+    started = len(os.listdir("/proc/self/task")) - before
+    finish.set()
+    thread.join()
+    return started
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs /proc")
+def test_a_host_copy_starts_no_openmp_team_on_its_thread() -> None:
+    if torch.get_num_threads() < 2 or _threads_started_by(torch.Tensor.copy_) < 2:
+        pytest.skip("torch starts no OpenMP team here (one thread, or no OpenMP)")
+    assert _threads_started_by(copy_into) == 1
