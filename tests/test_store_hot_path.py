@@ -5,21 +5,26 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from test_store import CHUNK, CHUNK_ROOM, LAYOUT, config, prompt
 
 from kvstore.chunk import read_header
 from kvstore.conformance.faults import FaultPlan, FaultyDriver
+from kvstore.digest import THREADS as COPY_THREADS
 from kvstore.driver import Driver
 from kvstore.drivers.cpu.driver import CpuDriver
 from kvstore.keys import Namespace
 from kvstore.registry import open_driver
 from kvstore.store import AsyncKVStore
+from kvstore.store.core import _in_order
 
 NAMESPACE = Namespace("hot-path-model", "rev", LAYOUT, chunk_tokens=CHUNK)
 COUNT_ONLY = FaultPlan(action="error", operations=frozenset({"usage"}), probability=0.0)
@@ -94,6 +99,70 @@ async def test_a_memory_tier_moves_a_request_in_one_call_and_io_tiers_in_batches
         assert loaded.kv is not None and torch.equal(loaded.kv, kv)
         assert nvme.calls["get_many"] == 5
     finally:
+        await store.close()
+
+
+async def test_a_batch_goes_to_the_codec_threads_in_one_run_per_core(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each hand-off to a codec thread takes the GIL twice and wakes the loop, so a
+    batch goes over in one run per core; a damaged chunk in the middle of a run
+    is a miss for that chunk alone, served from the tier below."""
+    store = await AsyncKVStore.open(
+        config(
+            {"url": "cpu://?capacity=16MiB", "verify": True}, f"nvme://{tmp_path}/n?capacity=64MiB"
+        ),
+        NAMESPACE,
+    )
+    runs: list[int] = []
+    submit = store._executor.submit
+
+    def counted(func: Any, *args: Any, **kwargs: Any) -> Any:
+        runs.append(len(args[1]) if func is _in_order else 1)
+        return submit(func, *args, **kwargs)
+
+    monkeypatch.setattr(store._executor, "submit", counted)
+    try:
+        ids, kv = prompt(12, 6 * CHUNK)
+        assert (await store.store(ids, kv)).written == 6
+        assert sum(runs) == 6 and len(runs) <= COPY_THREADS, "encoded into lent room in runs"
+        await store.flush()
+        keys = store.keys(ids)
+        cpu = store.tiers[0]
+        async with cpu.driver.borrow_many([keys[2]]) as (view,):
+            assert view is not None
+            address = np.frombuffer(view, dtype=np.uint8).ctypes.data
+            ctypes.memset(address + len(view) - 1, 0x55, 1)  # one byte of the payload
+        runs.clear()
+        loaded = await store.retrieve(ids)
+        assert loaded.kv is not None and torch.equal(loaded.kv, kv)
+        assert len(runs) <= COPY_THREADS + 2, "the cpu batch in runs, then the one read below"
+        cpu_name, nvme_name = (tier.name for tier in store.tiers)
+        assert loaded.chunk_tiers == (cpu_name,) * 2 + (nvme_name,) + (cpu_name,) * 3
+        assert cpu.stats.integrity_failures == 1
+    finally:
+        await store.close()
+
+
+async def test_a_cancelled_run_returns_only_once_its_threads_are_done() -> None:
+    store = await AsyncKVStore.open(config("cpu://?capacity=16MiB"), NAMESPACE)
+    release = threading.Event()
+    finished: list[int] = []
+
+    def job(number: int) -> None:
+        release.wait(10)
+        finished.append(number)
+
+    try:
+        task = asyncio.ensure_future(store._run_each(job, [0, 1, 2]))
+        await asyncio.sleep(0.05)
+        threading.Timer(0.2, release.set).start()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert sorted(finished) == [0, 1, 2], "no thread is still at work for the caller"
+    finally:
+        release.set()
         await store.close()
 
 

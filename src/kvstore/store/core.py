@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import copy
 import logging
 from collections.abc import Callable, Sequence
@@ -16,6 +17,7 @@ from kvstore.buffers import BufferPool
 from kvstore.chunk import raw_chunk_size
 from kvstore.codecs import KeyRing
 from kvstore.config import StoreConfig
+from kvstore.digest import THREADS as COPY_THREADS
 from kvstore.errors import (
     ConfigError,
     InvalidKeyError,
@@ -43,6 +45,7 @@ from kvstore.store.queue import QueueBudget, WriteJob
 from kvstore.tier import Tier, check_codecs
 
 T = TypeVar("T")
+J = TypeVar("J")
 
 
 log = logging.getLogger("kvstore.store")
@@ -197,3 +200,26 @@ class StoreState:
     async def _run(self, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, lambda: func(*args, **kwargs))
+
+    async def _run_each(self, func: Callable[[J], T], jobs: Sequence[J]) -> list[T]:
+        """``[func(job) for job in jobs]`` on the codec pool, the jobs cut into one
+        run per core (``COPY_THREADS``), each run done in order on one thread.
+
+        One hand-off per run instead of per job: each hand-off takes the GIL on
+        the loop and on a codec thread and wakes the loop, which on 3 MiB chunks
+        cost as much as copying them (docs/benchmarks.md). The first exception
+        a job raises ends its run and is raised once every run has ended; a
+        cancelled caller also waits for the runs, so no thread is still writing
+        into memory the caller goes on to free or reuse."""
+        count = min(COPY_THREADS, len(jobs))
+        runs = [jobs[len(jobs) * n // count : len(jobs) * (n + 1) // count] for n in range(count)]
+        futures = [self._executor.submit(_in_order, func, run) for run in runs]
+        try:
+            results = await asyncio.gather(*(asyncio.wrap_future(future) for future in futures))
+        finally:
+            concurrent.futures.wait(futures)
+        return [result for run in results for result in run]
+
+
+def _in_order(func: Callable[[J], T], jobs: Sequence[J]) -> list[T]:
+    return [func(job) for job in jobs]

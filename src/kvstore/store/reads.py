@@ -134,13 +134,12 @@ class ReadPipeline(WritePipeline):
                     )
                 values = await fetches[batch_no]
                 tier = self.tiers[position]
-                results = await asyncio.gather(
-                    *(
-                        self._decode_into(
-                            tier, keys[i], value, outs[i], failed=reads[batch_no].failed
-                        )
-                        for i, value in zip(indices, values)
-                    )
+                results = await self._decode_batch(
+                    tier,
+                    [keys[i] for i in indices],
+                    values,
+                    [outs[i] for i in indices],
+                    failed=reads[batch_no].failed,
                 )
                 for i, value, ok in zip(indices, values, results):
                     if ok and value is not None:
@@ -341,42 +340,60 @@ class ReadPipeline(WritePipeline):
         return values
 
     async def _decode_into(
+        self, tier: Tier, key: bytes, value: memoryview | None, out: torch.Tensor
+    ) -> bool:
+        """``_decode_batch`` of one chunk."""
+        (ok,) = await self._decode_batch(tier, [key], [value], [out], failed=False)
+        return ok
+
+    async def _decode_batch(
         self,
         tier: Tier,
-        key: bytes,
-        value: memoryview | None,
-        out: torch.Tensor,
+        keys: list[bytes],
+        values: Sequence[memoryview | None],
+        outs: list[torch.Tensor],
         *,
-        failed: bool = False,
-    ) -> bool:
-        """Verify and copy one chunk into ``out``; drop a bad copy from its tier. A
-        miss drops the chunk from the tier's index unless the read ``failed`` (timed
-        out, tier unreachable): then the chunk is most likely still there."""
-        if value is None:
-            tier.stats.misses += 1
-            if not failed:
-                tier.forget(key)
-            return False
-        try:
-            await self._run(
-                decode_chunk,
-                value,
-                key=chunk_key_of(key),
-                layout=self.layout,
-                tokens=self.chunk_tokens,
-                out=out,
-                verify=tier.verify,
-                keys=self._keys,
-            )
-            return True
-        except IntegrityError as exc:
-            tier.stats.integrity_failures += 1
-            tier.note_error("decode", exc)
+        failed: bool,
+    ) -> list[bool]:
+        """Verify and copy each chunk of a batch into its ``out`` (on a few codec
+        threads, see ``_run_each``); whether each arrived. A bad copy is dropped
+        from its tier. A miss (``None``) drops the chunk from the tier's index
+        unless the read ``failed`` (timed out, tier unreachable): then the chunk
+        is most likely still there."""
+        decode = functools.partial(
+            decode_chunk,
+            layout=self.layout,
+            tokens=self.chunk_tokens,
+            verify=tier.verify,
+            keys=self._keys,
+        )
+
+        def check(n: int) -> IntegrityError | None:
+            value = values[n]
+            assert value is not None
             try:
-                await tier.delete([key])
-            except KVStoreError:
-                log.warning("tier %s: a corrupt chunk could not be deleted", tier.name)
-            return False
+                decode(value, key=chunk_key_of(keys[n]), out=outs[n])
+            except IntegrityError as exc:
+                return exc
+            return None
+
+        present = [n for n, value in enumerate(values) if value is not None]
+        errors = dict(zip(present, await self._run_each(check, present)))
+        arrived: list[bool] = []
+        for n, key in enumerate(keys):
+            if n not in errors:
+                tier.stats.misses += 1
+                if not failed:
+                    tier.forget(key)
+            elif (error := errors[n]) is not None:
+                tier.stats.integrity_failures += 1
+                tier.note_error("decode", error)
+                try:
+                    await tier.delete([key])
+                except KVStoreError:
+                    log.warning("tier %s: a corrupt chunk could not be deleted", tier.name)
+            arrived.append(n in errors and errors[n] is None)
+        return arrived
 
     async def _recover(self, key: bytes, out: torch.Tensor, failed: int) -> str | None:
         """Try every other tier for a chunk whose first copy failed; the tier's name.

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import time
 from collections import deque
@@ -267,23 +266,20 @@ class WritePipeline(Placement):
         try:
             async with tier.driver.lend_many([(items[i][0], size) for i in fitting]) as rooms:
                 lent = [i for i, room in zip(fitting, rooms) if room is not None]
-                encodes = [
-                    self._executor.submit(
-                        encode_chunk,
-                        chunk_key_of(items[i][0]),
-                        items[i][1],
-                        mla=self.layout.mla,
-                        out=torch.frombuffer(room, dtype=torch.uint8),
-                        digest=self._hashes_on_store(tier),
+                mla, digest = self.layout.mla, self._hashes_on_store(tier)
+
+                def encode(job: tuple[int, memoryview]) -> None:
+                    i, room = job
+                    out = torch.frombuffer(room, dtype=torch.uint8)
+                    encode_chunk(
+                        chunk_key_of(items[i][0]), items[i][1], mla=mla, out=out, digest=digest
                     )
-                    for i, room in zip(fitting, rooms)
-                    if room is not None
-                ]
-                try:
-                    await asyncio.gather(*(asyncio.wrap_future(job) for job in encodes))
-                finally:
-                    # The loan may end (and free its room) only once no thread writes there.
-                    concurrent.futures.wait(encodes)
+
+                # The loan may end (and free its room) only once no thread writes
+                # there: _run_each returns only then, cancelled or not.
+                await self._run_each(
+                    encode, [(i, room) for i, room in zip(fitting, rooms) if room is not None]
+                )
         except KVStoreError as exc:
             tier.note_error("lend_many", exc)
             if isinstance(exc, CapacityError):
