@@ -9,8 +9,16 @@ import pytest
 import torch
 import xxhash
 
+from kvstore import digest
 from kvstore.chunk import FLAG_BLOCK_DIGEST, decode_chunk, encode_chunk, read_header
-from kvstore.digest import DIGEST_BLOCK, copy_with_digest, payload_digest, tensor_pieces
+from kvstore.digest import (
+    DIGEST_BLOCK,
+    THREADS,
+    copy_with_digest,
+    payload_digest,
+    side_by_side,
+    tensor_pieces,
+)
 from kvstore.errors import IntegrityError
 from kvstore.layout import KVLayout
 
@@ -40,6 +48,29 @@ def test_digest_matches_the_spec_whatever_the_threads(size: int) -> None:
     targets = [back[: size // 3], back[size // 3 : size // 2], back[size // 2 :]]
     assert copy_with_digest(copied, targets, "from_payload", threads=2) == expected
     assert np.array_equal(back, payload)
+
+
+def test_a_part_run_side_by_side_stays_on_its_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """One of ``THREADS`` parts copies and hashes on its own thread; alone, a big
+    payload is shared out to the digest threads; the digest is the same."""
+    payload = np.random.default_rng(1).integers(0, 256, 16 * DIGEST_BLOCK, dtype=np.uint8)
+    expected = spec_digest(payload.tobytes())
+    shared = []
+    pool = digest._pool()
+
+    def counted_pool() -> object:
+        shared.append(1)
+        return pool
+
+    monkeypatch.setattr(digest, "_pool", counted_pool)
+    copied = np.empty_like(payload)
+    with side_by_side(THREADS):
+        assert copy_with_digest(copied, [payload], "into_payload") == expected
+        assert payload_digest(payload) == expected
+    assert not shared
+    assert np.array_equal(copied, payload)
+    assert copy_with_digest(copied, [payload], "into_payload", threads=2) == expected
+    assert shared, "threads=2 spreads 16 MiB over the digest threads"
 
 
 def test_a_strided_chunk_is_encoded_and_decoded_in_one_pass() -> None:

@@ -18,6 +18,7 @@ from kvstore.chunk import raw_chunk_size
 from kvstore.codecs import KeyRing
 from kvstore.config import StoreConfig
 from kvstore.digest import THREADS as COPY_THREADS
+from kvstore.digest import side_by_side
 from kvstore.errors import (
     ConfigError,
     InvalidKeyError,
@@ -213,7 +214,7 @@ class StoreState:
         into memory the caller goes on to free or reuse."""
         count = min(COPY_THREADS, len(jobs))
         runs = [jobs[len(jobs) * n // count : len(jobs) * (n + 1) // count] for n in range(count)]
-        futures = [self._executor.submit(_in_order, func, run) for run in runs]
+        futures = [self._executor.submit(_in_order, func, run, count) for run in runs]
         try:
             results = await asyncio.gather(*(asyncio.wrap_future(future) for future in futures))
         finally:
@@ -221,5 +222,7 @@ class StoreState:
         return [result for run in results for result in run]
 
 
-def _in_order(func: Callable[[J], T], jobs: Sequence[J]) -> list[T]:
-    return [func(job) for job in jobs]
+def _in_order(func: Callable[[J], T], jobs: Sequence[J], runs: int) -> list[T]:
+    """One of ``runs`` runs at once: its copies leave the other cores to the others."""
+    with side_by_side(runs):
+        return [func(job) for job in jobs]
