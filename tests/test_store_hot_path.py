@@ -14,16 +14,18 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from test_store import CHUNK, CHUNK_ROOM, LAYOUT, config, prompt
+from test_store import CHUNK, CHUNK_BYTES, CHUNK_ROOM, LAYOUT, config, prompt
 
-from kvstore.chunk import read_header
+from kvstore.buffers import ALIGN
+from kvstore.chunk import encode_chunk, read_header
 from kvstore.conformance.faults import FaultPlan, FaultyDriver
 from kvstore.digest import THREADS as COPY_THREADS
 from kvstore.driver import Driver
 from kvstore.drivers.cpu.driver import CpuDriver
-from kvstore.keys import Namespace
+from kvstore.errors import InvalidArgumentError
+from kvstore.keys import Namespace, chunk_key_of
 from kvstore.registry import open_driver
-from kvstore.store import AsyncKVStore
+from kvstore.store import AsyncKVStore, encoding
 from kvstore.store.core import _in_order
 
 NAMESPACE = Namespace("hot-path-model", "rev", LAYOUT, chunk_tokens=CHUNK)
@@ -140,6 +142,78 @@ async def test_a_batch_goes_to_the_codec_threads_in_one_run_per_core(
         cpu_name, nvme_name = (tier.name for tier in store.tiers)
         assert loaded.chunk_tiers == (cpu_name,) * 2 + (nvme_name,) + (cpu_name,) * 3
         assert cpu.stats.integrity_failures == 1
+    finally:
+        await store.close()
+
+
+async def test_chunks_for_a_tier_lending_no_room_are_encoded_in_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the first tier on disk, each batch is encoded into pooled buffers as
+    one run per core, not a hand-off per chunk, and every buffer goes back."""
+    store = await AsyncKVStore.open(
+        config(f"nvme://{tmp_path}/n?capacity=64MiB", io_batch_bytes=3 * LAYOUT.nbytes(CHUNK)),
+        NAMESPACE,
+    )
+    runs: list[int] = []
+    others: list[Any] = []
+    submit = store._executor.submit
+
+    def counted(func: Any, *args: Any, **kwargs: Any) -> Any:
+        (runs.append(len(args[1])) if func is _in_order else others.append(func))
+        return submit(func, *args, **kwargs)
+
+    monkeypatch.setattr(store._executor, "submit", counted)
+    try:
+        ids, kv = prompt(13, 6 * CHUNK)
+        assert (await store.store(ids, kv)).written == 6
+        assert sum(runs) == 6 and len(runs) <= 2 * COPY_THREADS, "two batches, in runs"
+        assert not others, "no chunk is handed over alone"
+        await store.flush()
+        assert store._pool.idle_bytes == 6 * -(-CHUNK_BYTES // ALIGN) * ALIGN, "all are back"
+        loaded = await store.retrieve(ids)
+        assert loaded.kv is not None and torch.equal(loaded.kv, kv)
+    finally:
+        await store.close()
+
+
+async def test_a_chunk_failing_to_encode_fails_its_batch_and_returns_every_buffer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = await AsyncKVStore.open(
+        config(f"nvme://{tmp_path}/n?capacity=64MiB", io_batch_bytes=3 * LAYOUT.nbytes(CHUNK)),
+        NAMESPACE,
+    )
+    ids, kv = prompt(14, 6 * CHUNK)
+    doomed = chunk_key_of(store.keys(ids)[4])
+
+    def encode_or_fail(key: bytes, chunk: torch.Tensor, **kwargs: Any) -> memoryview:
+        if key == doomed:
+            raise InvalidArgumentError("this chunk cannot be encoded")
+        return encode_chunk(key, chunk, **kwargs)
+
+    monkeypatch.setattr(encoding, "encode_chunk", encode_or_fail)
+    out: list[int] = []
+    acquire, release = store._pool.acquire, store._pool.release
+
+    def lent(nbytes: int) -> torch.Tensor:
+        out.append(1)
+        return acquire(nbytes)
+
+    def returned(buffer: torch.Tensor) -> None:
+        out.pop()
+        release(buffer)
+
+    monkeypatch.setattr(store._pool, "acquire", lent)
+    monkeypatch.setattr(store._pool, "release", returned)
+    try:
+        with pytest.raises(InvalidArgumentError, match="cannot be encoded"):
+            await store.store(ids, kv)
+        await store.flush()
+        assert not out, "every pooled buffer is back, the failed chunk's included"
+        loaded = await store.retrieve(ids)
+        assert loaded.tokens == 3 * CHUNK, "the batch before the failure was written"
+        assert loaded.kv is not None and torch.equal(loaded.kv, kv[:, :, : 3 * CHUNK])
     finally:
         await store.close()
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from kvstore.chunk import decode_chunk, encode_chunk, hashed_chunk, raw_chunk_size, read_header
@@ -59,18 +61,39 @@ class Encoding(Pinning):
         self, key: bytes, kv: torch.Tensor, codecs: tuple[Codec, ...]
     ) -> EncodedChunk:
         """One chunk encoded with ``codecs`` into a pooled buffer (a raw one) or
-        memory of its own. Device KV crosses to the host once: straight into the
-        pinned pooled buffer, or as quantized codes when the stack starts with a
-        quantizer; other stacks copy it to the host first."""
+        memory of its own, on a codec thread (``_encoded``)."""
+        return await self._run(self._encoded, key, kv, codecs)
+
+    async def _encode_each(
+        self, items: Sequence[tuple[bytes, torch.Tensor]], codecs: tuple[Codec, ...]
+    ) -> list[EncodedChunk | BaseException]:
+        """``_encode`` of each (key, KV) pair, as one run per core on the codec
+        threads (``_run_each``); a chunk that fails to encode gives its
+        exception in its place."""
+
+        def encode(item: tuple[bytes, torch.Tensor]) -> EncodedChunk | BaseException:
+            try:
+                return self._encoded(*item, codecs)
+            except Exception as exc:
+                return exc
+
+        return await self._run_each(encode, items)
+
+    def _encoded(self, key: bytes, kv: torch.Tensor, codecs: tuple[Codec, ...]) -> EncodedChunk:
+        """``_encode`` on the calling thread. Device KV crosses to the host once:
+        straight into the pinned pooled buffer, or as quantized codes when the
+        stack starts with a quantizer; other stacks copy it to the host first."""
         if codecs and kv.device.type != "cpu" and not isinstance(codecs[0], TensorCodec):
             kv = kv.cpu()
         if codecs:
-            view = await self._run(
-                encode_chunk, chunk_key_of(key), kv, mla=self.layout.mla, codecs=codecs
-            )
+            view = encode_chunk(chunk_key_of(key), kv, mla=self.layout.mla, codecs=codecs)
             return EncodedChunk(key, view, codecs, None, self._pool)
         buffer = self._pool.acquire(raw_chunk_size(kv))
-        view = await self._run(encode_chunk, chunk_key_of(key), kv, mla=self.layout.mla, out=buffer)
+        try:
+            view = encode_chunk(chunk_key_of(key), kv, mla=self.layout.mla, out=buffer)
+        except BaseException:
+            self._pool.release(buffer)
+            raise
         return EncodedChunk(key, view, codecs, buffer, self._pool)
 
     async def _recode(self, chunk: EncodedChunk, codecs: tuple[Codec, ...]) -> EncodedChunk:

@@ -180,10 +180,8 @@ class WritePipeline(Placement):
         batches = [fresh[start : start + per_batch] for start in range(0, len(fresh), per_batch)]
 
         def encode(batch: list[int]) -> asyncio.Future[list[EncodedChunk | BaseException]]:
-            return asyncio.gather(
-                *(self._encode(keys[i], chunks[i], first.codecs) for i in batch),
-                return_exceptions=True,
-            )
+            items = [(keys[i], chunks[i]) for i in batch]
+            return asyncio.ensure_future(self._encode_each(items, first.codecs))
 
         writes = BatchWrites(self._writes_in_flight())
         pending = encode(batches[0]) if batches and not lending else None
