@@ -1,4 +1,5 @@
-"""Host copies with numpy: the same bytes as torch's, and no OpenMP team on the thread."""
+"""Host copies with numpy: the same bytes as torch's, and no OpenMP team on the thread;
+torch ops on the store's codec threads run serially, with none either."""
 
 from __future__ import annotations
 
@@ -9,7 +10,11 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from kvstore.host_copy import copy_into
+from kvstore.config import StoreConfig, TierConfig
+from kvstore.host_copy import copy_into, serial_torch_thread
+from kvstore.keys import Namespace
+from kvstore.layout import KVLayout
+from kvstore.store import AsyncKVStore
 
 
 @pytest.mark.parametrize(
@@ -63,3 +68,42 @@ def test_a_host_copy_starts_no_openmp_team_on_its_thread() -> None:
     if torch.get_num_threads() < 2 or _threads_started_by(torch.Tensor.copy_) < 2:
         pytest.skip("torch starts no OpenMP team here (one thread, or no OpenMP)")
     assert _threads_started_by(copy_into) == 1
+
+
+def _serial_copy(target: torch.Tensor, source: torch.Tensor) -> None:
+    serial_torch_thread()
+    target.copy_(source)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs /proc")
+def test_a_serial_torch_thread_starts_no_openmp_team_and_leaves_the_others_be() -> None:
+    threads = torch.get_num_threads()
+    if threads < 2 or _threads_started_by(torch.Tensor.copy_) < 2:
+        pytest.skip("torch starts no OpenMP team here (one thread, or no OpenMP)")
+    assert _threads_started_by(_serial_copy) == 1
+    assert torch.get_num_threads() == threads, "this thread's torch keeps its threads"
+    assert _threads_started_by(torch.Tensor.copy_) >= 2, "and so does a new thread's"
+
+
+async def test_the_store_runs_torch_ops_serially_on_its_codec_threads() -> None:
+    """A quantizing tier's codec runs torch ops on the codec threads: they run
+    there without an OpenMP team, while the caller's torch keeps its threads."""
+    threads = torch.get_num_threads()
+    layout = KVLayout(num_layers=2, num_kv_heads=2, head_dim=32)
+    namespace = Namespace("serial-codecs", "rev", layout, chunk_tokens=16, codec="int8")
+    store = await AsyncKVStore.open(
+        StoreConfig(
+            tiers=[TierConfig(url="cpu://?capacity=16MiB", codecs="int8")], chunk_tokens=16
+        ),
+        namespace,
+    )
+    try:
+        kv = torch.randn(layout.shape(64)).half()
+        ids = list(range(64))
+        assert (await store.store(ids, kv)).written == 4
+        loaded = await store.retrieve(ids)
+        assert loaded.kv is not None and torch.allclose(loaded.kv.float(), kv.float(), atol=0.05)
+        assert await store._run(torch.get_num_threads) == 1
+        assert torch.get_num_threads() == threads
+    finally:
+        await store.close()

@@ -9,13 +9,16 @@ of the engine pays for a wake-up. Measured on 2 cores: while another thread
 that had run one parallel ``copy_`` stayed alive, small parallel ops on the
 main thread took 1.4 to 1.5 times as long. kvstore's own long-lived threads
 (codec workers, drivers) therefore copy host memory with numpy, which uses no
-OpenMP and releases the GIL.
+OpenMP and releases the GIL, and the codec workers run the torch ops they
+still need (quantizing codecs, casts, device copies) serially
+(``serial_torch_thread``).
 """
 
 from __future__ import annotations
 
 import numpy as np
 import numpy.typing as npt
+import threadpoolctl
 import torch
 
 _SAME_SIZE = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
@@ -41,3 +44,10 @@ def copy_into(destination: torch.Tensor, source: torch.Tensor) -> None:
 def _bits(tensor: torch.Tensor) -> npt.NDArray[np.generic]:
     """A numpy view of ``tensor``'s elements as same-sized integers (any strides)."""
     return tensor.detach().view(_SAME_SIZE[tensor.element_size()]).numpy()
+
+
+def serial_torch_thread() -> None:
+    """Torch ops on the calling thread run serially from now on, with no OpenMP
+    team: its OpenMP thread count (a per-thread setting) becomes 1, the
+    process's and other threads' stay as they are. A pool's initializer."""
+    threadpoolctl.threadpool_limits(1, user_api="openmp")

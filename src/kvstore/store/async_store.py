@@ -17,6 +17,7 @@ from kvstore.errors import (
     ConfigError,
     KVStoreError,
 )
+from kvstore.host_copy import serial_torch_thread
 from kvstore.keys import (
     Namespace,
     TokenIds,
@@ -69,7 +70,9 @@ class AsyncKVStore(HealthReports):
         self._pool = BufferPool(
             max_bytes=config.queue_bytes + (config.read_ahead + 1) * config.io_batch_bytes
         )
-        self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="kvstore-codec")
+        self._executor = ThreadPoolExecutor(
+            max_workers=4, thread_name_prefix="kvstore-codec", initializer=serial_torch_thread
+        )
         self._budget = QueueBudget(config.queue_bytes)
         self._queues: list[asyncio.Queue[WriteJob]] = [asyncio.Queue() for _ in tiers]
         self._writers = [
