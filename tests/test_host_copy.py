@@ -77,9 +77,12 @@ def _serial_copy(target: torch.Tensor, source: torch.Tensor) -> None:
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs /proc")
 def test_a_serial_torch_thread_starts_no_openmp_team_and_leaves_the_others_be() -> None:
+    """Also once ``torch.set_num_threads`` has been called, as an engine does:
+    torch then sets each thread's count to it on the thread's first op."""
     threads = torch.get_num_threads()
     if threads < 2 or _threads_started_by(torch.Tensor.copy_) < 2:
         pytest.skip("torch starts no OpenMP team here (one thread, or no OpenMP)")
+    torch.set_num_threads(threads)
     assert _threads_started_by(_serial_copy) == 1
     assert torch.get_num_threads() == threads, "this thread's torch keeps its threads"
     assert _threads_started_by(torch.Tensor.copy_) >= 2, "and so does a new thread's"
@@ -89,6 +92,7 @@ async def test_the_store_runs_torch_ops_serially_on_its_codec_threads() -> None:
     """A quantizing tier's codec runs torch ops on the codec threads: they run
     there without an OpenMP team, while the caller's torch keeps its threads."""
     threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
     layout = KVLayout(num_layers=2, num_kv_heads=2, head_dim=32)
     namespace = Namespace("serial-codecs", "rev", layout, chunk_tokens=16, codec="int8")
     store = await AsyncKVStore.open(

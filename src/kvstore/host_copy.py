@@ -49,5 +49,10 @@ def _bits(tensor: torch.Tensor) -> npt.NDArray[np.generic]:
 def serial_torch_thread() -> None:
     """Torch ops on the calling thread run serially from now on, with no OpenMP
     team: its OpenMP thread count (a per-thread setting) becomes 1, the
-    process's and other threads' stay as they are. A pool's initializer."""
+    process's and other threads' stay as they are. A pool's initializer.
+
+    Torch sets a thread's count on the thread's first op, to the process's
+    count once anything has called ``torch.set_num_threads`` (an engine
+    does): that first op runs here, before the count is set to 1."""
+    torch.get_num_threads()
     threadpoolctl.threadpool_limits(1, user_api="openmp")
